@@ -1,0 +1,42 @@
+"""gpu_backup: hold more GPU buffers than the GPU has.
+
+Buffer objects live in device memory; under pressure a shrinker evicts idle ones
+page by page through a pinned staging ring into a swappable host store (a memfd),
+and they are restored, bit-exact, when accessed again.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BufferBusyError,
+    BufferFreedError,
+    BufferPurgedError,
+    ClosedError,
+    CopyError,
+    GpuBackupError,
+    InvalidHandleError,
+    NoDeviceError,
+    OutOfDeviceMemory,
+    StoreFullError,
+)
+from .store import PAGE_SIZE, FileStore, PageStore, ShmemStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PAGE_SIZE",
+    "BufferBusyError",
+    "BufferFreedError",
+    "BufferPurgedError",
+    "ClosedError",
+    "CopyError",
+    "FileStore",
+    "GpuBackupError",
+    "InvalidHandleError",
+    "NoDeviceError",
+    "OutOfDeviceMemory",
+    "PageStore",
+    "ShmemStore",
+    "StoreFullError",
+    "__version__",
+]

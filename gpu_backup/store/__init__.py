@@ -1,0 +1,10 @@
+"""Host page stores: where evicted device pages live."""
+
+from __future__ import annotations
+
+from ._base import PAGE_SIZE
+from .file import FileStore
+from .protocol import PageStore
+from .shmem import ShmemStore
+
+__all__ = ["PAGE_SIZE", "FileStore", "PageStore", "ShmemStore"]
