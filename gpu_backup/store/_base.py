@@ -631,20 +631,16 @@ def _copy_segments(flat: np.ndarray, buf: np.ndarray, segs: list[tuple[int, int,
 
 
 def _split(segs: list[tuple[int, int, int]], total: int, parts: int) -> list[list[tuple[int, int, int]]]:
-    """Cut copy segments into ``parts`` lists of about equal bytes (page-aligned cuts)."""
-    share = -(-total // parts)
-    share += -share % OS_PAGE_SIZE
-    out: list[list[tuple[int, int, int]]] = [[]]
-    room = share
+    """Cut copy segments into ``parts`` lists of about equal bytes, cutting only at OS-page bounds."""
+    pages = total // OS_PAGE_SIZE
+    bounds = [(pages * k // parts) * OS_PAGE_SIZE for k in range(1, parts)] + [total]
+    out: list[list[tuple[int, int, int]]] = [[] for _ in bounds]
+    part, pos = 0, 0
     for so, bo, ln in segs:
         while ln:
-            take = min(ln, room)
-            out[-1].append((so, bo, take))
-            so, bo, ln, room = so + take, bo + take, ln - take, room - take
-            if room == 0 and ln:
-                out.append([])
-                room = share
-        if room == 0:
-            out.append([])
-            room = share
+            while pos >= bounds[part]:
+                part += 1
+            take = min(ln, bounds[part] - pos)
+            out[part].append((so, bo, take))
+            so, bo, ln, pos = so + take, bo + take, ln - take, pos + take
     return [p for p in out if p]
