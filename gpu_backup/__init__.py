@@ -19,14 +19,19 @@ from .errors import (
     OutOfDeviceMemory,
     StoreFullError,
 )
+from .buffer import Buffer, Residency
+from .manager import BufferManager
+from .staging import Staging
 from .store import PAGE_SIZE, FileStore, PageStore, ShmemStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PAGE_SIZE",
+    "Buffer",
     "BufferBusyError",
     "BufferFreedError",
+    "BufferManager",
     "BufferPurgedError",
     "ClosedError",
     "CopyError",
@@ -36,7 +41,9 @@ __all__ = [
     "NoDeviceError",
     "OutOfDeviceMemory",
     "PageStore",
+    "Residency",
     "ShmemStore",
+    "Staging",
     "StoreFullError",
     "__version__",
 ]

@@ -46,3 +46,105 @@ def make_store(request, tmp_path):
 def resources():
     """Counts open fds before and after, to prove nothing leaks."""
     return _open_fds
+
+
+# ----------------------------------------------------------------- backends
+def cuda_unusable_reason() -> str | None:
+    """None when a CUDA device is usable, else why not (the driver's words)."""
+    from gpu_backup.device.cuda import probe
+
+    try:
+        probe(None)
+    except gb.NoDeviceError as e:
+        return str(e)
+    return None
+
+
+@pytest.fixture(params=["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    """Each behaviour test runs on every backend present: host always, cuda with a GPU."""
+    if request.param == "cuda":
+        why = cuda_unusable_reason()
+        if why:
+            pytest.skip(f"no usable GPU: {why}")
+    return request.param
+
+
+# Small slots so that even small buffers move in several pieces through the ring.
+TEST_STAGING = gb.Staging(slots=3, slot_bytes=64 << 10, threads=2)
+
+
+@pytest.fixture
+def make_mgr(device):
+    made = []
+
+    def make(**kw):
+        kw.setdefault("staging", TEST_STAGING)
+        m = gb.BufferManager(device, **kw)
+        made.append(m)
+        return m
+
+    make.device = device
+    yield make
+    for m in made:
+        m.close()
+
+
+@pytest.fixture
+def mgr(make_mgr):
+    return make_mgr()
+
+
+def fill(buf, data: np.ndarray, *, stream=None) -> None:
+    """Write host bytes into a buffer (mode 'w'), on either backend."""
+    with buf.access("w", stream=stream) as arr:
+        if isinstance(arr, np.ndarray):
+            arr[:] = data
+        else:
+            arr.set(data)
+
+
+def random_bytes(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, n, dtype=np.uint8)
+
+
+class _SlowWrite:
+    """A slow 'kernel' on a user stream that writes a known pattern, per backend."""
+
+    def stream(self, mgr):
+        return mgr.backend.new_stream()
+
+    def __call__(self, stream, arr) -> np.ndarray:
+        n = arr.shape[0]
+        expected = (np.arange(n) % 251).astype(np.uint8)
+        if isinstance(arr, np.ndarray):
+            import time
+
+            def kernel():
+                time.sleep(0.2)
+                arr[:] = expected
+
+            stream.launch(kernel)
+        else:
+            import cupy as cp
+
+            with stream:
+                x = cp.zeros(n, cp.uint8)
+                for _ in range(200):          # long enough to still run at evict time
+                    x = (x + 1) % 251
+                arr[:] = (cp.arange(n, dtype=cp.int64) % 251).astype(cp.uint8)
+        return expected
+
+    def add_one(self, stream, arr, data) -> np.ndarray:
+        if isinstance(arr, np.ndarray):
+            stream.launch(lambda: np.add(arr, 1, out=arr))
+        else:
+            with stream:
+                arr += 1
+        stream.synchronize()
+        return (data.astype(np.uint16) + 1).astype(np.uint8)
+
+
+@pytest.fixture
+def slow_write():
+    return _SlowWrite()

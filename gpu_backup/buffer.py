@@ -1,0 +1,186 @@
+"""Buffer objects: device memory with a page table that says where each page's bytes are."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import BufferBusyError, BufferFreedError
+
+if TYPE_CHECKING:
+    from .manager import BufferManager
+
+__all__ = ["Buffer", "Residency", "ZERO_PAGE", "PURGED_PAGE"]
+
+ZERO_PAGE = -1
+"""Page-table value: the page is known to be all zero (restored with a memset)."""
+PURGED_PAGE = -2
+"""Page-table value: the page of a purgeable buffer was discarded."""
+
+_MODES = ("r", "w", "rw")
+
+
+class Residency(enum.Enum):
+    RESIDENT = "resident"   # every page's current bytes are on the device
+    EVICTED = "evicted"     # no device memory; every page is in the store (or zero)
+    PARTIAL = "partial"     # an eviction or restore is part-way (or was interrupted)
+    PURGED = "purged"       # a purgeable buffer was discarded; its contents are gone
+
+
+class _Pages:
+    """What a buffer owns: its device allocation and its store handles.
+
+    ``table[i]``: > 0 a store handle holding page i; 0 none; ZERO_PAGE; PURGED_PAGE.
+    ``valid[i]``: the device copy of page i is current (only with ``mem`` present).
+    At every instant each page is valid, or has a complete store copy, or is zero
+    (or purged): invariant 1.
+    """
+
+    __slots__ = ("mem", "table", "valid", "held", "last_use", "evicting", "__weakref__")
+
+    def __init__(self, npages: int, mem: Any, held: int) -> None:
+        self.mem = mem
+        self.table = np.zeros(npages, np.int64)
+        self.valid = np.ones(npages, bool)
+        self.held = held            # device bytes held by mem
+        self.last_use: Any = None   # event recorded on the user's stream after the last access
+        self.evicting = False       # an eviction started and has not completed
+
+
+class Buffer:
+    """A buffer object in device memory that may be evicted to the host store and restored.
+
+    Made by :meth:`BufferManager.alloc`.  Use its bytes inside :meth:`access`; outside
+    it the manager (or its shrinker) may evict the buffer at any time.  ``free()``
+    returns its device memory and store pages (garbage collection does the same).
+    """
+
+    __slots__ = ("_mgr", "nbytes", "npages", "purgeable", "_pages", "_lock", "_pins",
+                 "_finalizer", "id", "__weakref__")
+
+    def __init__(self, mgr: BufferManager, nbytes: int, npages: int, purgeable: bool,
+                 pages: _Pages, buf_id: int) -> None:
+        self._mgr = mgr
+        self.nbytes = nbytes
+        self.npages = npages
+        self.purgeable = purgeable
+        self._pages = pages
+        self._lock = threading.Lock()   # held while pages move; the shrinker only try-locks
+        self._pins = 0                  # threads inside access()
+        self.id = buf_id
+        self._finalizer = weakref.finalize(self, mgr._reap, buf_id, pages)
+
+    def __repr__(self) -> str:
+        if not self._finalizer.alive:
+            return f"<Buffer #{self.id} {self.nbytes:,} B freed>"
+        return f"<Buffer #{self.id} {self.nbytes:,} B {self.state.value}>"
+
+    # ------------------------------------------------------------------ state
+    @property
+    def freed(self) -> bool:
+        return not self._finalizer.alive
+
+    @property
+    def state(self) -> Residency:
+        p = self._pages
+        if self.npages == 0:
+            return Residency.RESIDENT  # nothing to evict, ever
+        if p.mem is None:
+            if (p.table == PURGED_PAGE).any():
+                return Residency.PURGED
+            return Residency.EVICTED
+        if p.evicting or not p.valid.all():
+            return Residency.PARTIAL
+        return Residency.RESIDENT
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of this buffer whose current copy is on the device."""
+        p = self._pages
+        if p.mem is None:
+            return 0
+        return min(self.nbytes, int(np.count_nonzero(p.valid)) * self._mgr.page_size)
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory this buffer holds now (whole pages)."""
+        return self._pages.held
+
+    @property
+    def pinned(self) -> bool:
+        """True while some thread is inside :meth:`access`."""
+        return self._pins > 0
+
+    def page_table(self) -> np.ndarray:
+        """A copy of the page table (handles > 0, 0 = device only, negatives reserved)."""
+        return self._pages.table.copy()
+
+    # ------------------------------------------------------------------ verbs
+    def evict(self) -> int:
+        """Move this buffer's pages to the store and free its device memory.
+
+        Returns the device bytes freed (0 if already evicted).  Waits (on the copy
+        stream, not the device) for the last recorded use.  Purgeable buffers are
+        discarded instead.  Raises :class:`BufferBusyError` inside ``access()``.
+        """
+        return self._mgr._evict(self, blocking=True, wait=True)
+
+    @contextlib.contextmanager
+    def access(self, mode: str = "rw", *, stream: Any = None) -> Iterator[Any]:
+        """Use the buffer's bytes: yields a 1-D uint8 array of ``nbytes`` over device memory
+        (``cupy.ndarray`` on cuda, ``numpy.ndarray`` on host), restoring first if needed.
+
+        mode
+            ``"r"``: read only; a store copy is kept, so evicting the unchanged buffer
+            again costs no copy.  ``"w"``: the caller overwrites every byte; nothing is
+            restored.  ``"rw"``: read and write.
+        stream
+            The stream the caller's work runs on (default: the current stream).  It waits
+            for the restore; on exit an event is recorded on it, and eviction waits for
+            that event on the copy stream.
+
+        While any thread is inside, the buffer is never evicted.  The array must not be
+        used after the block ends.
+        """
+        if mode not in _MODES:
+            raise ValueError(f"mode={mode!r} must be one of {_MODES}")
+        mgr = self._mgr
+        user = mgr.backend.user_stream(stream)
+        with self._lock:
+            if self.freed:
+                raise BufferFreedError(f"buffer #{self.id} ({self.nbytes:,} B) was freed")
+            self._pins += 1
+            try:
+                mem = mgr._make_resident(self, mode, user)
+            except BaseException:
+                self._pins -= 1
+                raise
+        try:
+            mgr._touch(self)
+            yield mgr.backend.array(mem, self.nbytes)
+        finally:
+            event = user.record()
+            with self._lock:
+                self._pages.last_use = event
+                self._pins -= 1
+
+    def free(self) -> None:
+        """Return the device memory and store pages now.  Idempotent."""
+        with self._lock:
+            if self._pins:
+                raise BufferBusyError(f"buffer #{self.id} is inside access() in {self._pins} thread(s)")
+            self._finalizer()
+
+    def to_host(self) -> np.ndarray:
+        """A host copy of the buffer's bytes (restores it if needed; for tests and debugging)."""
+        prior = self._pages.last_use
+        if prior is not None:
+            prior.synchronize()  # the user's last work on it has finished
+        with self.access("r"):
+            return self._mgr.backend.to_host(self._pages.mem, self.nbytes)

@@ -1,0 +1,132 @@
+"""The CUDA backend: CuPy device memory, a dedicated non-blocking copy stream, events,
+``cudaMemcpyAsync`` and pinned host memory.  Imported only when a CUDA device is asked for."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..errors import NoDeviceError
+from .protocol import DeviceOOM
+
+__all__ = ["CudaBackend", "probe"]
+
+
+def probe(device_id: int | None) -> tuple[Any, int, str]:
+    """Import CuPy and check the device.  Returns ``(cupy, device_id, "")`` or raises
+    :class:`NoDeviceError` with the driver's own message."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise NoDeviceError(f"CuPy is not installed ({e}); install gpu-backup[cuda13] or [cuda12]") from e
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: no driver, insufficient driver, ...
+        raise NoDeviceError(f"no usable CUDA device: {e}") from e
+    if count == 0:
+        raise NoDeviceError("no usable CUDA device: the driver reports 0 devices")
+    dev = 0 if device_id is None else device_id
+    if not 0 <= dev < count:
+        raise NoDeviceError(f"CUDA device {dev} requested, the driver reports {count} (0..{count - 1})")
+    return cupy, dev, ""
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, device_id: int | None = None, reason: str = "requested") -> None:
+        cp, dev, _ = probe(device_id)
+        self._cp = cp
+        self._rt = cp.cuda.runtime
+        self.device_id = dev
+        self.reason = reason
+        self._device = cp.cuda.Device(dev)
+        props = self._rt.getDeviceProperties(dev)
+        name = props["name"]
+        self.device_name = name.decode() if isinstance(name, bytes) else str(name)
+        with self._device:
+            self.copy_stream = cp.cuda.Stream(non_blocking=True)
+        self._nvtx = getattr(cp.cuda, "nvtx", None)
+
+    def __repr__(self) -> str:
+        return f"<CudaBackend {self.device_id}: {self.device_name}>"
+
+    def activate(self) -> contextlib.AbstractContextManager[Any]:
+        return self._device
+
+    # memory
+    def alloc(self, nbytes: int) -> Any:
+        with self._device:
+            try:
+                return self._cp.cuda.alloc(nbytes)
+            except self._cp.cuda.memory.OutOfMemoryError as e:
+                raise DeviceOOM(str(e)) from e
+
+    def ptr(self, mem: Any) -> int:
+        return int(mem.ptr)
+
+    def array(self, mem: Any, nbytes: int) -> Any:
+        return self._cp.ndarray((nbytes,), dtype=self._cp.uint8, memptr=mem)
+
+    def to_host(self, mem: Any, nbytes: int) -> np.ndarray:
+        out = np.empty(nbytes, np.uint8)
+        with self._device:
+            self._rt.memcpy(out.ctypes.data, int(mem.ptr), nbytes, self._rt.memcpyDeviceToHost)
+        return out
+
+    def pinned(self, nbytes: int) -> tuple[Any, np.ndarray]:
+        """Page-locked host memory, allocated directly (not through the pinned pool, which
+        would keep it cached): the returned owner frees it when dropped."""
+        with self._device:
+            mem = self._cp.cuda.PinnedMemory(nbytes)
+        view = np.frombuffer(self._cp.cuda.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
+        return mem, view
+
+    def mem_info(self) -> tuple[int, int]:
+        with self._device:
+            free, total = self._rt.memGetInfo()
+        return int(free), int(total)
+
+    # copies
+    def d2h(self, dst: np.ndarray, src: Any, offset: int, stream: Any) -> None:
+        with self._device:
+            self._rt.memcpyAsync(int(dst.ctypes.data), int(src.ptr) + offset, dst.shape[0],
+                                 self._rt.memcpyDeviceToHost, stream.ptr)
+
+    def h2d(self, dst: Any, offset: int, src: np.ndarray, stream: Any) -> None:
+        with self._device:
+            self._rt.memcpyAsync(int(dst.ptr) + offset, int(src.ctypes.data), src.shape[0],
+                                 self._rt.memcpyHostToDevice, stream.ptr)
+
+    def memset(self, dst: Any, offset: int, nbytes: int, value: int, stream: Any) -> None:
+        with self._device:
+            self._rt.memsetAsync(int(dst.ptr) + offset, value, nbytes, stream.ptr)
+
+    # streams
+    def user_stream(self, stream: Any | None) -> Any:
+        if stream is not None:
+            return stream
+        with self._device:
+            return self._cp.cuda.get_current_stream()
+
+    def new_stream(self) -> Any:
+        with self._device:
+            return self._cp.cuda.Stream(non_blocking=True)
+
+    @contextlib.contextmanager
+    def nvtx(self, name: str) -> Iterator[None]:
+        if self._nvtx is None:
+            yield
+            return
+        self._nvtx.RangePush(name)
+        try:
+            yield
+        finally:
+            self._nvtx.RangePop()
+
+    def close(self) -> None:
+        with self._device:
+            self.copy_stream.synchronize()

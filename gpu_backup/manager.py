@@ -1,0 +1,431 @@
+"""``BufferManager``: buffer objects on one device, their eviction, restore and accounting."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from ._runs import runs_of
+from .buffer import PURGED_PAGE, ZERO_PAGE, Buffer, Residency, _Pages
+from .device import DeviceOOM, open_backend
+from .errors import (
+    BufferBusyError,
+    BufferFreedError,
+    BufferPurgedError,
+    ClosedError,
+    OutOfDeviceMemory,
+)
+from .staging import Staging, StagingRing
+from .store import PAGE_SIZE, ShmemStore
+from .store._base import check_page_size
+from .store.protocol import PageStore
+
+__all__ = ["BufferManager"]
+
+log = logging.getLogger("gpu_backup")
+
+_STAT_KEYS = ("evictions", "bytes_evicted", "bytes_copied_out", "restores", "bytes_restored",
+              "bytes_copied_in", "purges", "bytes_purged", "clean_evictions", "evict_seconds",
+              "restore_seconds", "reclaims", "bytes_reclaimed", "reclaim_seconds")
+
+
+class BufferManager:
+    """Buffer objects on one device that can hold more than the device has.
+
+    Parameters
+    ----------
+    device
+        ``"auto"`` (CUDA if usable, else host; ``backend.reason`` says why), ``"cuda"``,
+        an int GPU index, or ``"host"``.
+    device_limit
+        Most device bytes this manager's buffers may hold: an int, a fraction of the
+        device's memory (0 < x <= 1), or None (no limit short of a real OOM).  Past it,
+        idle buffers are evicted, least recently used first.
+    store
+        A :class:`PageStore` to evict into (not owned: the caller closes it).  Default: a
+        :class:`ShmemStore` owned and closed by the manager.
+    page_size
+        Bytes per page: the unit of the page table and of the store.
+    staging
+        The pinned staging ring's shape (:class:`Staging`).
+    host_capacity
+        For the host backend only: the emulated device's size.
+    """
+
+    def __init__(self, device: Any = "auto", *, device_limit: int | float | None = None,
+                 store: PageStore | None = None, page_size: int = PAGE_SIZE,
+                 staging: Staging | None = None, host_capacity: int | None = None) -> None:
+        self.page_size = check_page_size(page_size)
+        if store is not None and store.page_size != self.page_size:
+            raise ValueError(f"store page_size={store.page_size:,} differs from {page_size=:,}")
+        self._closed = True
+        self.backend = open_backend(device, host_capacity=host_capacity)
+        self._owns_store = store is None
+        try:
+            self.store: PageStore = store if store is not None else ShmemStore(page_size=self.page_size)
+            try:
+                self._ring = StagingRing(self.backend, self.store, staging or Staging(), self.page_size)
+            except BaseException:
+                if self._owns_store:
+                    self.store.close()
+                raise
+        except BaseException:
+            self.backend.close()
+            raise
+        total = self.backend.mem_info()[1]
+        self.device_limit = _resolve_limit(device_limit, total)
+        # Reentrant: a buffer's finalizer (_reap) may run from garbage collection on a
+        # thread that already holds it.
+        self._lock = threading.RLock()
+        self._lru: OrderedDict[int, weakref.ref[Buffer]] = OrderedDict()
+        self._device_bytes = 0
+        self._ids = itertools.count(1)
+        self._stats = dict.fromkeys(_STAT_KEYS, 0)
+        self._closed = False
+        log.info("BufferManager on %s (%s): page_size=%d, staging %d x %d B, limit=%s",
+                 self.backend.name, self.backend.reason, self.page_size, self._ring.config.slots,
+                 self._ring.slot_bytes, self.device_limit)
+
+    # ------------------------------------------------------------- properties
+    @property
+    def device_bytes(self) -> int:
+        """Device bytes held by this manager's buffers now."""
+        return self._device_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def buffers(self) -> list[Buffer]:
+        """Live buffers, least recently used first."""
+        with self._lock:
+            refs = list(self._lru.values())
+        return [b for b in (r() for r in refs) if b is not None]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since creation, with throughputs in GB/s (1e9 B/s)."""
+        with self._lock:
+            s: dict[str, Any] = dict(self._stats)
+            s["buffers"] = len(self._lru)
+        s["device_bytes"] = self._device_bytes
+        s["store_bytes"] = self.store.bytes_used
+        s["evict_gbps"] = _gbps(s["bytes_copied_out"], s["evict_seconds"])
+        s["restore_gbps"] = _gbps(s["bytes_copied_in"], s["restore_seconds"])
+        s["backend"] = self.backend.name
+        return s
+
+    def __repr__(self) -> str:
+        return (f"<BufferManager {self.backend.name}: {self._device_bytes:,} B on device, "
+                f"{self.store.bytes_used:,} B in store>")
+
+    # ------------------------------------------------------------------ alloc
+    def alloc(self, nbytes: int, *, purgeable: bool = False) -> Buffer:
+        """A new buffer of ``nbytes`` (contents undefined), resident on the device.
+
+        Device memory is whole pages.  When the device limit or the device itself is
+        short, idle buffers are evicted first; :class:`OutOfDeviceMemory` if that is
+        not enough.
+        """
+        self._check_open()
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+            raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"{nbytes=} must be >= 0")
+        npages = -(-nbytes // self.page_size)
+        held = npages * self.page_size
+        mem = self._device_alloc(held) if held else None
+        pages = _Pages(npages, mem, held)
+        buf = Buffer(self, nbytes, npages, bool(purgeable), pages, next(self._ids))
+        with self._lock:
+            self._lru[buf.id] = weakref.ref(buf)
+        return buf
+
+    def _device_alloc(self, nbytes: int) -> Any:
+        """Device memory of ``nbytes``, reclaiming from idle buffers when short."""
+        if self.device_limit is not None:
+            over = self._device_bytes + nbytes - self.device_limit
+            if nbytes > self.device_limit:
+                raise OutOfDeviceMemory(
+                    f"cannot allocate {nbytes:,} B: larger than device_limit={self.device_limit:,} B")
+            if over > 0 and self.shrink(over) < over:
+                raise self._oom(nbytes, f"device_limit={self.device_limit:,} B reached")
+        while True:
+            try:
+                mem = self.backend.alloc(nbytes)
+                break
+            except DeviceOOM as e:
+                if self.shrink(nbytes) == 0:
+                    raise self._oom(nbytes, str(e)) from e
+        with self._lock:
+            self._device_bytes += nbytes
+        return mem
+
+    def _oom(self, nbytes: int, why: str) -> OutOfDeviceMemory:
+        busy = sum(b.device_bytes for b in self.buffers() if b.pinned)
+        free, total = self.backend.mem_info()
+        return OutOfDeviceMemory(
+            f"cannot allocate {nbytes:,} B on {self.backend.name}: {why}; this manager holds "
+            f"{self._device_bytes:,} B ({busy:,} B in buffers inside access()), "
+            f"device free {free:,} of {total:,} B, limit {self.device_limit}")
+
+    # ----------------------------------------------------------------- reclaim
+    def shrink(self, nbytes: int) -> int:
+        """Evict idle buffers, least recently used first, until ``nbytes`` of device memory
+        are freed or nothing more can be.  Returns the bytes freed.
+
+        Never blocks on a buffer another thread holds (try-lock, skip).  First pass:
+        purgeable buffers and clean ones (no copy); then idle ones whose last use has
+        completed; then ones whose last use is still pending, waiting for it.
+        """
+        self._check_open()
+        t0 = time.perf_counter()
+        freed = 0
+        with self._lock:
+            order = [r() for r in self._lru.values()]
+        order = [b for b in order if b is not None]
+        cheap = [b for b in order if b.purgeable or _is_clean(b)]
+        passes = (cheap, order, order)
+        for wait_pass, candidates in enumerate(passes):
+            for buf in candidates:
+                if freed >= nbytes:
+                    break
+                if buf.pinned or buf._pages.mem is None:
+                    continue
+                last = buf._pages.last_use
+                if wait_pass < 2 and last is not None and not last.done:
+                    continue
+                try:
+                    freed += self._evict(buf, blocking=False, wait=wait_pass == 2)
+                except Exception as e:  # noqa: BLE001 - skip it, move it to the LRU tail
+                    log.warning("reclaim: evicting buffer #%d failed: %s", buf.id, e)
+                    self._touch(buf)
+            if freed >= nbytes:
+                break
+        with self._lock:
+            self._stats["reclaims"] += 1
+            self._stats["bytes_reclaimed"] += freed
+            self._stats["reclaim_seconds"] += time.perf_counter() - t0
+        return freed
+
+    # ---------------------------------------------------------------- evict
+    def _evict(self, buf: Buffer, *, blocking: bool, wait: bool) -> int:
+        if not buf._lock.acquire(blocking=blocking):
+            return 0
+        try:
+            if buf.freed:
+                raise BufferFreedError(f"buffer #{buf.id} was freed")
+            if buf._pins:
+                if blocking:
+                    raise BufferBusyError(f"cannot evict buffer #{buf.id}: inside access() in "
+                                          f"{buf._pins} thread(s)")
+                return 0
+            p = buf._pages
+            if p.mem is None:
+                return 0
+            if not wait and p.last_use is not None and not p.last_use.done:
+                return 0
+            self._check_open()
+            with self.backend.nvtx("gpu_backup.evict"):
+                return self._evict_locked(buf, p)
+        finally:
+            buf._lock.release()
+
+    def _evict_locked(self, buf: Buffer, p: _Pages) -> int:
+        t0 = time.perf_counter()
+        if buf.purgeable:
+            if p.last_use is not None:
+                p.last_use.synchronize()  # the device may still be using it
+            live = p.table[p.table > 0]
+            if live.size:
+                self.store.drop(live)
+            p.table[:] = PURGED_PAGE
+            freed = self._release_mem(p)
+            with self._lock:
+                self._stats["purges"] += 1
+                self._stats["bytes_purged"] += freed
+            log.debug("purged buffer #%d (%d B)", buf.id, freed)
+            return freed
+        todo = np.flatnonzero(p.valid & (p.table == 0))
+        copied = todo.size * self.page_size
+        if todo.size:
+            handles = self.store.alloc(todo.size)   # StoreFullError here changes nothing
+            p.evicting = True
+
+            def commit(pages: np.ndarray, h: np.ndarray) -> None:
+                p.table[pages] = h
+
+            self._ring.evict(p.mem, todo, handles, after=p.last_use, commit=commit)
+        elif p.last_use is not None:
+            p.last_use.synchronize()
+        freed = self._release_mem(p)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._stats["evictions"] += 1
+            self._stats["bytes_evicted"] += freed
+            self._stats["bytes_copied_out"] += copied
+            self._stats["evict_seconds"] += dt
+            if not copied:
+                self._stats["clean_evictions"] += 1
+        log.debug("evicted buffer #%d: %d B freed, %d B copied in %.3f ms", buf.id, freed,
+                  copied, dt * 1e3)
+        return freed
+
+    def _release_mem(self, p: _Pages) -> int:
+        """Free a buffer's device memory; every copy that reads it has completed."""
+        freed, p.held = p.held, 0
+        p.mem = None
+        p.evicting = False
+        p.valid[:] = False
+        p.last_use = None
+        with self._lock:
+            self._device_bytes -= freed
+        return freed
+
+    # -------------------------------------------------------------- restore
+    def _make_resident(self, buf: Buffer, mode: str, user: Any) -> Any:
+        """Caller holds ``buf._lock``.  Returns the device memory, current for ``mode``."""
+        self._check_open()
+        p = buf._pages
+        if buf.npages == 0:
+            return self.backend.alloc(0) if p.mem is None else p.mem
+        purged = p.table == PURGED_PAGE
+        if purged.any() and mode != "w":
+            raise BufferPurgedError(
+                f"buffer #{buf.id} ({buf.nbytes:,} B, purgeable) was discarded under memory "
+                f"pressure; access it with mode='w' to get fresh memory")
+        if p.mem is None:
+            p.mem = self._device_alloc(buf.npages * self.page_size)
+            p.held = buf.npages * self.page_size
+        if mode == "w":
+            self._forget_backups(p)
+            p.valid[:] = True
+            return p.mem
+        need = ~p.valid
+        if need.any():
+            with self.backend.nvtx("gpu_backup.restore"):
+                self._restore_locked(buf, p, need, keep=mode == "r", user=user)
+        if mode == "rw":
+            self._forget_backups(p)
+        return p.mem
+
+    def _restore_locked(self, buf: Buffer, p: _Pages, need: np.ndarray, *, keep: bool,
+                        user: Any) -> None:
+        t0 = time.perf_counter()
+        ps = self.page_size
+        pages = np.flatnonzero(need & (p.table > 0))
+        zeros = np.flatnonzero(need & (p.table == ZERO_PAGE))
+        stream = self.backend.copy_stream
+
+        def commit(done: np.ndarray, h: np.ndarray) -> None:
+            p.valid[done] = True
+            if not keep:
+                p.table[done] = 0
+                self.store.drop(h)
+
+        event = None
+        if pages.size:
+            event = self._ring.restore(p.mem, pages, p.table[pages].copy(), commit=commit)
+        if zeros.size:
+            starts, lengths, _ = runs_of(zeros)
+            for s, n in zip(starts.tolist(), lengths.tolist()):
+                self.backend.memset(p.mem, s * ps, n * ps, 0, stream)
+            event = stream.record()
+            event.synchronize()
+            p.valid[zeros] = True
+            if not keep:
+                p.table[zeros] = 0
+        if event is not None:
+            user.wait_event(event)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._stats["restores"] += 1
+            self._stats["bytes_restored"] += min(buf.nbytes, int(need.sum()) * ps)
+            self._stats["bytes_copied_in"] += pages.size * ps
+            self._stats["restore_seconds"] += dt
+        log.debug("restored buffer #%d: %d pages copied, %d zero, %.3f ms", buf.id, pages.size,
+                  zeros.size, dt * 1e3)
+
+    def _forget_backups(self, p: _Pages) -> None:
+        """The device copy is about to change: store copies and zero marks become stale."""
+        live = p.table[p.table > 0]
+        if live.size:
+            self.store.drop(live)
+        p.table[:] = 0
+        p.evicting = False
+
+    # ----------------------------------------------------------- bookkeeping
+    def _touch(self, buf: Buffer) -> None:
+        with self._lock:
+            if buf.id in self._lru:
+                self._lru.move_to_end(buf.id)
+
+    def _reap(self, buf_id: int, p: _Pages) -> None:
+        """Finalizer of a buffer: release its device memory and store pages once."""
+        with self._lock:
+            self._lru.pop(buf_id, None)
+        if p.last_use is not None:
+            try:
+                p.last_use.synchronize()
+            except Exception as e:  # noqa: BLE001 - the memory is released regardless
+                log.warning("buffer #%d: last use failed: %s", buf_id, e)
+        if p.mem is not None:
+            self._release_mem(p)
+        live = p.table[p.table > 0]
+        p.table[:] = 0
+        if live.size and not self.store.closed:
+            self.store.drop(live)
+
+    # ------------------------------------------------------------- life cycle
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("BufferManager is closed")
+
+    def close(self) -> None:
+        """Free every buffer, stop the staging ring, close the store if owned.  Idempotent."""
+        if self._closed:
+            return
+        for buf in self.buffers():
+            with buf._lock:
+                buf._finalizer()
+        self._closed = True
+        self._ring.close()
+        if self._owns_store:
+            self.store.close()
+        self.backend.close()
+
+    def __enter__(self) -> BufferManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_clean(buf: Buffer) -> bool:
+    t = buf._pages.table
+    return bool(t.size) and bool((t != 0).all())
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else 0.0
+
+
+def _resolve_limit(limit: int | float | None, total: int) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float, np.integer, np.floating)):
+        raise TypeError(f"device_limit must be bytes (int) or a fraction (float), got {limit!r}")
+    if isinstance(limit, (float, np.floating)):
+        if not 0 < limit <= 1:
+            raise ValueError(f"device_limit={limit} as a fraction must be in (0, 1]")
+        return int(total * limit)
+    if limit <= 0:
+        raise ValueError(f"device_limit={limit:,} must be > 0 bytes")
+    return int(limit)
