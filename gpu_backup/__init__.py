@@ -21,6 +21,7 @@ from .errors import (
 )
 from .buffer import Buffer, Residency
 from .manager import BufferManager
+from .shrinker import SHRINK_EMPTY, SHRINK_STOP, Shrinker
 from .staging import Staging
 from .store import PAGE_SIZE, FileStore, PageStore, ShmemStore
 
@@ -28,6 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PAGE_SIZE",
+    "SHRINK_EMPTY",
+    "SHRINK_STOP",
     "Buffer",
     "BufferBusyError",
     "BufferFreedError",
@@ -43,6 +46,7 @@ __all__ = [
     "PageStore",
     "Residency",
     "ShmemStore",
+    "Shrinker",
     "Staging",
     "StoreFullError",
     "__version__",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._runs import runs_of
-from .buffer import PURGED_PAGE, ZERO_PAGE, Buffer, Residency, _Pages
+from .buffer import PURGED_PAGE, ZERO_PAGE, Buffer, _Pages
 from .device import DeviceOOM, open_backend
 from .errors import (
     BufferBusyError,
@@ -22,6 +23,7 @@ from .errors import (
     ClosedError,
     OutOfDeviceMemory,
 )
+from .shrinker import CupyAllocatorHook, LruShrinker, Reclaimer, Shrinker
 from .staging import Staging, StagingRing
 from .store import PAGE_SIZE, ShmemStore
 from .store._base import check_page_size
@@ -33,7 +35,7 @@ log = logging.getLogger("gpu_backup")
 
 _STAT_KEYS = ("evictions", "bytes_evicted", "bytes_copied_out", "restores", "bytes_restored",
               "bytes_copied_in", "purges", "bytes_purged", "clean_evictions", "evict_seconds",
-              "restore_seconds", "reclaims", "bytes_reclaimed", "reclaim_seconds")
+              "restore_seconds")
 
 
 class BufferManager:
@@ -88,6 +90,11 @@ class BufferManager:
         self._device_bytes = 0
         self._ids = itertools.count(1)
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
+        self._peak = 0
+        self._reclaimer = Reclaimer()
+        self._lru_shrinker = LruShrinker(self)
+        self._reclaimer.register(self._lru_shrinker)
+        self._cupy_hook = CupyAllocatorHook(self)
         self._closed = False
         log.info("BufferManager on %s (%s): page_size=%d, staging %d x %d B, limit=%s",
                  self.backend.name, self.backend.reason, self.page_size, self._ring.config.slots,
@@ -115,6 +122,10 @@ class BufferManager:
             s: dict[str, Any] = dict(self._stats)
             s["buffers"] = len(self._lru)
         s["device_bytes"] = self._device_bytes
+        s["peak_device_bytes"] = self._peak
+        s.update(self._reclaimer.stats)
+        s.update({f"lru_{k}": v for k, v in self._lru_shrinker.stats.items()})
+        s.update({f"cupy_{k}": v for k, v in self._cupy_hook.stats.items()})
         s["store_bytes"] = self.store.bytes_used
         s["evict_gbps"] = _gbps(s["bytes_copied_out"], s["evict_seconds"])
         s["restore_gbps"] = _gbps(s["bytes_copied_in"], s["restore_seconds"])
@@ -149,71 +160,77 @@ class BufferManager:
         return buf
 
     def _device_alloc(self, nbytes: int) -> Any:
-        """Device memory of ``nbytes``, reclaiming from idle buffers when short."""
-        if self.device_limit is not None:
-            over = self._device_bytes + nbytes - self.device_limit
-            if nbytes > self.device_limit:
-                raise OutOfDeviceMemory(
-                    f"cannot allocate {nbytes:,} B: larger than device_limit={self.device_limit:,} B")
-            if over > 0 and self.shrink(over) < over:
-                raise self._oom(nbytes, f"device_limit={self.device_limit:,} B reached")
+        """Device memory of ``nbytes``, reclaiming when the limit or the device is short.
+
+        The bytes are reserved against ``device_limit`` under the lock before the real
+        allocation, so concurrent allocations never take the manager past its limit."""
+        limit = self.device_limit
+        if limit is not None and nbytes > limit:
+            raise OutOfDeviceMemory(
+                f"cannot allocate {nbytes:,} B: larger than device_limit={limit:,} B")
+        fruitless = 0
         while True:
-            try:
-                mem = self.backend.alloc(nbytes)
-                break
-            except DeviceOOM as e:
-                if self.shrink(nbytes) == 0:
-                    raise self._oom(nbytes, str(e)) from e
-        with self._lock:
-            self._device_bytes += nbytes
-        return mem
+            with self._lock:
+                over = 0 if limit is None else self._device_bytes + nbytes - limit
+                if over <= 0:
+                    self._device_bytes += nbytes
+                    self._peak = max(self._peak, self._device_bytes)
+                    break
+            if self._reclaimer.reclaim(over, [self._lru_shrinker]) == 0:
+                fruitless += 1
+                if fruitless > 2:
+                    raise self._oom(nbytes, f"device_limit={limit:,} B reached")
+                time.sleep(0.001 * fruitless)  # another thread may be finishing an eviction
+        try:
+            while True:
+                try:
+                    return self.backend.alloc(nbytes)
+                except DeviceOOM as e:
+                    if self._reclaimer.reclaim(nbytes) == 0:
+                        raise self._oom(nbytes, str(e)) from e
+        except BaseException:
+            with self._lock:
+                self._device_bytes -= nbytes
+            raise
 
     def _oom(self, nbytes: int, why: str) -> OutOfDeviceMemory:
-        busy = sum(b.device_bytes for b in self.buffers() if b.pinned)
+        pinned = sum(b.device_bytes for b in self.buffers() if b.pinned)
+        reclaimable = max(0, self._lru_shrinker.count())
         free, total = self.backend.mem_info()
         return OutOfDeviceMemory(
-            f"cannot allocate {nbytes:,} B on {self.backend.name}: {why}; this manager holds "
-            f"{self._device_bytes:,} B ({busy:,} B in buffers inside access()), "
-            f"device free {free:,} of {total:,} B, limit {self.device_limit}")
+            f"cannot allocate {nbytes:,} B on {self.backend.name}: {why}; asked {nbytes:,} B, "
+            f"reclaimable {reclaimable:,} B, pinned in access() {pinned:,} B, held "
+            f"{self._device_bytes:,} B, limit {self.device_limit if self.device_limit is None else format(self.device_limit, ',')} B, "
+            f"device free {free:,} of {total:,} B")
 
     # ----------------------------------------------------------------- reclaim
     def shrink(self, nbytes: int) -> int:
-        """Evict idle buffers, least recently used first, until ``nbytes`` of device memory
-        are freed or nothing more can be.  Returns the bytes freed.
+        """Run the registered shrinkers (this manager's LRU buffer shrinker and any others)
+        until ``nbytes`` of device memory are freed or none can make progress.  Returns
+        the bytes freed.  Never blocks on a buffer another thread holds; called from inside
+        a shrinker on the same thread, it returns 0 rather than recurse."""
+        self._check_open()
+        with self.backend.nvtx("gpu_backup.reclaim"):
+            return self._reclaimer.reclaim(int(nbytes))
 
-        Never blocks on a buffer another thread holds (try-lock, skip).  First pass:
-        purgeable buffers and clean ones (no copy); then idle ones whose last use has
-        completed; then ones whose last use is still pending, waiting for it.
+    def register_shrinker(self, shrinker: Shrinker) -> None:
+        """Add a shrinker (``count()`` / ``scan(nr_to_scan)`` in bytes) to this manager's
+        reclaim: an application cache that can drop entries, say."""
+        self._reclaimer.register(shrinker)
+
+    def unregister_shrinker(self, shrinker: Shrinker) -> None:
+        self._reclaimer.unregister(shrinker)
+
+    def cupy_allocator(self) -> contextlib.AbstractContextManager[None]:
+        """Route every CuPy allocation in the program through a wrapper that, on
+        out-of-memory, frees the pool's cached blocks, runs the shrinkers and retries.
+        The allocator it replaced is put back on exit::
+
+            with mgr.cupy_allocator():
+                x = cupy.empty(big)   # idle buffers give way if the GPU is full
         """
         self._check_open()
-        t0 = time.perf_counter()
-        freed = 0
-        with self._lock:
-            order = [r() for r in self._lru.values()]
-        order = [b for b in order if b is not None]
-        cheap = [b for b in order if b.purgeable or _is_clean(b)]
-        passes = (cheap, order, order)
-        for wait_pass, candidates in enumerate(passes):
-            for buf in candidates:
-                if freed >= nbytes:
-                    break
-                if buf.pinned or buf._pages.mem is None:
-                    continue
-                last = buf._pages.last_use
-                if wait_pass < 2 and last is not None and not last.done:
-                    continue
-                try:
-                    freed += self._evict(buf, blocking=False, wait=wait_pass == 2)
-                except Exception as e:  # noqa: BLE001 - skip it, move it to the LRU tail
-                    log.warning("reclaim: evicting buffer #%d failed: %s", buf.id, e)
-                    self._touch(buf)
-            if freed >= nbytes:
-                break
-        with self._lock:
-            self._stats["reclaims"] += 1
-            self._stats["bytes_reclaimed"] += freed
-            self._stats["reclaim_seconds"] += time.perf_counter() - t0
-        return freed
+        return self._cupy_hook.active()
 
     # ---------------------------------------------------------------- evict
     def _evict(self, buf: Buffer, *, blocking: bool, wait: bool) -> int:
@@ -392,6 +409,7 @@ class BufferManager:
         """Free every buffer, stop the staging ring, close the store if owned.  Idempotent."""
         if self._closed:
             return
+        self._cupy_hook.uninstall()
         for buf in self.buffers():
             with buf._lock:
                 buf._finalizer()
@@ -406,11 +424,6 @@ class BufferManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _is_clean(buf: Buffer) -> bool:
-    t = buf._pages.table
-    return bool(t.size) and bool((t != 0).all())
 
 
 def _gbps(nbytes: int, seconds: float) -> float:

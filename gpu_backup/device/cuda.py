@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import NoDeviceError
+from ..errors import NoDeviceError, OutOfDeviceMemory
 from .protocol import DeviceOOM
 
 __all__ = ["CudaBackend", "probe"]
@@ -62,7 +62,8 @@ class CudaBackend:
         with self._device:
             try:
                 return self._cp.cuda.alloc(nbytes)
-            except self._cp.cuda.memory.OutOfMemoryError as e:
+            except (self._cp.cuda.memory.OutOfMemoryError, OutOfDeviceMemory) as e:
+                # OutOfDeviceMemory: the cupy_allocator() hook already tried to reclaim
                 raise DeviceOOM(str(e)) from e
 
     def ptr(self, mem: Any) -> int:

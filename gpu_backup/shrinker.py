@@ -1,0 +1,299 @@
+"""Reclaim: the shrinker contract, the manager's LRU buffer shrinker, and the CuPy hook.
+
+The contract is the kernel's (``include/linux/shrinker.h``), in bytes:
+
+``count() -> int``
+    A cheap estimate of the bytes the shrinker could free now, or ``SHRINK_EMPTY``.
+``scan(nr_to_scan) -> int``
+    Try to free about ``nr_to_scan`` bytes; return the bytes actually freed, or
+    ``SHRINK_STOP`` when no progress is possible now (the rest of this reclaim
+    pass skips it).  A scan must not block on locks other threads hold.
+
+An optional ``seeks`` attribute (default 2) says how costly the freed objects are to
+recreate; reclaim first asks each shrinker for a share proportional to ``count / seeks``,
+then asks again, in order, for whatever is still missing, for as long as that frees
+something.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from .errors import GpuBackupError, OutOfDeviceMemory
+
+if TYPE_CHECKING:
+    from .buffer import Buffer
+    from .manager import BufferManager
+
+__all__ = ["SHRINK_EMPTY", "SHRINK_STOP", "LruShrinker", "Reclaimer", "Shrinker", "CupyAllocatorHook"]
+
+log = logging.getLogger("gpu_backup")
+
+SHRINK_STOP = -1
+"""``scan`` result: no progress is possible now."""
+SHRINK_EMPTY = -2
+"""``count`` result: nothing to reclaim."""
+
+DEFAULT_SEEKS = 2
+
+_PASSES = ("cheap", "idle", "wait")
+# Reclaim asks in rounds (the first shares the deficit by count/seeks, later ones ask for
+# all that is missing) while a round still frees something, as the kernel's batch loop.
+_MAX_ROUNDS = 64
+
+
+@runtime_checkable
+class Shrinker(Protocol):
+    def count(self) -> int: ...
+    def scan(self, nr_to_scan: int) -> int: ...
+
+
+class Reclaimer:
+    """The registry of shrinkers and the reclaim loop.  Never recurses into itself on a
+    thread that is already reclaiming (a shrinker that allocates gets nothing back)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._shrinkers: list[Shrinker] = []
+        self._local = threading.local()
+        self.stats: dict[str, Any] = {"reclaim_calls": 0, "reclaim_bytes_asked": 0,
+                                      "reclaim_bytes_freed": 0, "reclaim_seconds": 0.0,
+                                      "reclaim_recursions_refused": 0}
+
+    def register(self, shrinker: Shrinker) -> None:
+        if not isinstance(shrinker, Shrinker):
+            raise TypeError(f"{shrinker!r} has no count() and scan(nr_to_scan) methods")
+        with self._lock:
+            if any(s is shrinker for s in self._shrinkers):
+                raise ValueError(f"{shrinker!r} is already registered")
+            self._shrinkers.append(shrinker)
+
+    def unregister(self, shrinker: Shrinker) -> None:
+        with self._lock:
+            for i, s in enumerate(self._shrinkers):
+                if s is shrinker:
+                    del self._shrinkers[i]
+                    return
+        raise ValueError(f"{shrinker!r} is not registered")
+
+    @property
+    def shrinkers(self) -> list[Shrinker]:
+        with self._lock:
+            return list(self._shrinkers)
+
+    @property
+    def active(self) -> bool:
+        """True on a thread that is inside a reclaim right now."""
+        return getattr(self._local, "depth", 0) > 0
+
+    def reclaim(self, nbytes: int, shrinkers: list[Shrinker] | None = None) -> int:
+        """Ask shrinkers to free ``nbytes``; returns the bytes freed (0 when called from
+        inside a reclaim on the same thread)."""
+        if nbytes <= 0:
+            return 0
+        if self.active:
+            with self._lock:
+                self.stats["reclaim_recursions_refused"] += 1
+            return 0
+        self._local.depth = 1
+        t0 = time.perf_counter()
+        freed = 0
+        try:
+            pool = self.shrinkers if shrinkers is None else shrinkers
+            stopped: set[int] = set()
+            for rnd in range(_MAX_ROUNDS):
+                before = freed
+                counts = []
+                for s in pool:
+                    if id(s) in stopped:
+                        continue
+                    c = s.count()
+                    if c > 0:
+                        counts.append((s, c / max(getattr(s, "seeks", DEFAULT_SEEKS), 1e-9), c))
+                total_weight = sum(w for _, w, _ in counts)
+                deficit = nbytes - freed  # shared out by weight in the first round
+                for s, w, c in counts:
+                    want = nbytes - freed
+                    if want <= 0:
+                        break
+                    ask = min(c, want, math.ceil(deficit * w / total_weight)) if rnd == 0 else want
+                    got = s.scan(max(1, ask))
+                    if got == SHRINK_STOP:
+                        stopped.add(id(s))
+                        continue
+                    if got < 0:
+                        raise GpuBackupError(f"shrinker {s!r} returned {got} from scan(); "
+                                             f"expected bytes freed >= 0 or SHRINK_STOP")
+                    freed += got
+                if freed >= nbytes or freed == before:
+                    break  # done, or a whole round made no progress
+        finally:
+            self._local.depth = 0
+            with self._lock:
+                self.stats["reclaim_calls"] += 1
+                self.stats["reclaim_bytes_asked"] += nbytes
+                self.stats["reclaim_bytes_freed"] += freed
+                self.stats["reclaim_seconds"] += time.perf_counter() - t0
+        return freed
+
+
+class LruShrinker:
+    """The manager's own shrinker: evicts idle buffers, escalating only as far as needed.
+
+    Passes, each in LRU order (least recently used first):
+
+    1. ``cheap``: purgeable buffers (discarded) and clean ones whose store copy is still
+       valid: no copy at all.
+    2. ``idle``: buffers whose last recorded use has completed.
+    3. ``wait``: buffers whose last use is still pending (eviction waits for it on the
+       copy stream).
+
+    Buffers inside ``access()`` are never touched; a buffer whose lock another thread
+    holds is skipped (try-lock); one that fails to evict goes to the LRU tail.  A copy
+    the host store cannot take (``bytes_avail()``) is skipped, never overcommitted.
+    """
+
+    seeks = DEFAULT_SEEKS
+
+    def __init__(self, mgr: BufferManager) -> None:
+        self._mgr = weakref.ref(mgr)
+        self.stats = {f"{p}_{k}": 0 for p in _PASSES for k in ("scanned", "freed")}
+        self.stats["skipped_host_full"] = 0
+
+    def __repr__(self) -> str:
+        return "<LruShrinker>"
+
+    def count(self) -> int:
+        mgr = self._mgr()
+        if mgr is None or mgr.closed:
+            return SHRINK_EMPTY
+        n = sum(b.device_bytes for b in mgr.buffers() if not b.pinned)
+        return n if n > 0 else SHRINK_EMPTY
+
+    def scan(self, nr_to_scan: int) -> int:
+        mgr = self._mgr()
+        if mgr is None or mgr.closed:
+            return SHRINK_STOP
+        order = [b for b in mgr.buffers() if b.device_bytes]
+        freed = 0
+        for pas in _PASSES:
+            for buf in order:
+                if freed >= nr_to_scan:
+                    break
+                if not self._eligible(buf, pas):
+                    continue
+                self.stats[f"{pas}_scanned"] += buf.device_bytes
+                if not buf.purgeable and not _is_clean(buf):
+                    copy = buf.device_bytes  # upper bound of what the copy needs
+                    if mgr.store.bytes_avail() < copy:
+                        self.stats["skipped_host_full"] += 1
+                        continue
+                try:
+                    got = mgr._evict(buf, blocking=False, wait=pas == "wait")
+                except Exception as e:  # noqa: BLE001 - skip it; it goes to the LRU tail
+                    log.warning("reclaim: evicting buffer #%d failed: %s", buf.id, e)
+                    mgr._touch(buf)
+                    continue
+                self.stats[f"{pas}_freed"] += got
+                freed += got
+            if freed >= nr_to_scan:
+                break
+        return freed if freed else SHRINK_STOP
+
+    @staticmethod
+    def _eligible(buf: Buffer, pas: str) -> bool:
+        if buf.pinned or buf.freed or buf.device_bytes == 0:
+            return False
+        last = buf._pages.last_use
+        pending = last is not None and not last.done
+        if pas == "cheap":
+            return not pending and (buf.purgeable or _is_clean(buf))
+        if pas == "idle":
+            return not pending
+        return pending
+
+
+def _is_clean(buf: Buffer) -> bool:
+    """Every page has a valid store copy (or is zero): eviction needs no copy."""
+    t = buf._pages.table
+    return bool(t.size) and bool((t != 0).all())
+
+
+class CupyAllocatorHook:
+    """Routes every CuPy allocation through a wrapper of the allocator it replaces: on
+    out-of-memory, free the pool's cached blocks, run the shrinkers, retry, and only then
+    raise :class:`OutOfDeviceMemory`.  ``uninstall`` puts the replaced allocator back."""
+
+    def __init__(self, mgr: BufferManager) -> None:
+        self._mgr = weakref.ref(mgr)
+        self._cp: Any = None
+        self._previous: Any = None
+        self.installed = False
+        self.stats = {"oom_events": 0, "oom_recovered": 0, "bytes_reclaimed": 0}
+
+    def install(self) -> None:
+        if self.installed:
+            raise RuntimeError("the CuPy allocator hook is already installed")
+        try:
+            import cupy
+        except ImportError as e:
+            raise RuntimeError(f"cupy_allocator() needs CuPy: {e}") from e
+        self._cp = cupy
+        self._previous = cupy.cuda.get_allocator()
+        cupy.cuda.set_allocator(self._malloc)
+        self.installed = True
+
+    def uninstall(self) -> None:
+        if not self.installed:
+            return
+        current = self._cp.cuda.get_allocator()
+        if current != self._malloc:
+            log.warning("the CuPy allocator was replaced while gpu_backup's hook was installed; "
+                        "restoring the one gpu_backup replaced anyway")
+        self._cp.cuda.set_allocator(self._previous)
+        self.installed = False
+
+    def _malloc(self, nbytes: int) -> Any:
+        previous = self._previous
+        oom = self._cp.cuda.memory.OutOfMemoryError
+        try:
+            return previous(nbytes)
+        except oom as first:
+            self.stats["oom_events"] += 1
+            pool = getattr(previous, "__self__", None)
+            if pool is not None and hasattr(pool, "free_all_blocks"):
+                pool.free_all_blocks()
+                try:
+                    mem = previous(nbytes)
+                    self.stats["oom_recovered"] += 1
+                    return mem
+                except oom:
+                    pass
+            mgr = self._mgr()
+            freed = mgr.shrink(nbytes) if mgr is not None and not mgr.closed else 0
+            self.stats["bytes_reclaimed"] += freed
+            if freed and pool is not None and hasattr(pool, "free_all_blocks"):
+                pool.free_all_blocks()
+            try:
+                mem = previous(nbytes)
+            except oom as again:
+                raise OutOfDeviceMemory(
+                    f"CuPy allocation of {nbytes:,} B failed after reclaiming {freed:,} B: "
+                    f"{again}") from first
+            self.stats["oom_recovered"] += 1
+            return mem
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        self.install()
+        try:
+            yield
+        finally:
+            self.uninstall()
