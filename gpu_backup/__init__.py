@@ -23,7 +23,7 @@ from .buffer import Buffer, Residency
 from .manager import BufferManager
 from .shrinker import SHRINK_EMPTY, SHRINK_STOP, Shrinker
 from .staging import Staging
-from .store import PAGE_SIZE, FileStore, PageStore, ShmemStore
+from .store import PAGE_SIZE, FileStore, PageStore, ShmemStore, TieredStore
 
 __version__ = "0.1.0"
 
@@ -49,5 +49,6 @@ __all__ = [
     "Shrinker",
     "Staging",
     "StoreFullError",
+    "TieredStore",
     "__version__",
 ]

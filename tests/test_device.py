@@ -76,6 +76,6 @@ def test_public_names_are_pinned():
         "BufferFreedError", "BufferManager", "BufferPurgedError", "ClosedError", "CopyError",
         "FileStore", "GpuBackupError", "InvalidHandleError", "NoDeviceError",
         "OutOfDeviceMemory", "PageStore", "Residency", "ShmemStore", "Shrinker", "Staging",
-        "StoreFullError", "__version__"])
+        "StoreFullError", "TieredStore", "__version__"])
     for name in gb.__all__:
         assert hasattr(gb, name)

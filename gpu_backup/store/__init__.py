@@ -6,5 +6,6 @@ from ._base import PAGE_SIZE
 from .file import FileStore
 from .protocol import PageStore
 from .shmem import ShmemStore
+from .tiered import TieredStore
 
-__all__ = ["PAGE_SIZE", "FileStore", "PageStore", "ShmemStore"]
+__all__ = ["PAGE_SIZE", "FileStore", "PageStore", "ShmemStore", "TieredStore"]
