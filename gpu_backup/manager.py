@@ -23,6 +23,7 @@ from .errors import (
     ClosedError,
     OutOfDeviceMemory,
 )
+from .kernels import PageScanner, scan_default
 from .shrinker import CupyAllocatorHook, LruShrinker, Reclaimer, Shrinker
 from .staging import Staging, StagingRing
 from .store import PAGE_SIZE, ShmemStore
@@ -34,7 +35,7 @@ __all__ = ["BufferManager"]
 log = logging.getLogger("gpu_backup")
 
 _STAT_KEYS = ("evictions", "bytes_evicted", "bytes_copied_out", "restores", "bytes_restored",
-              "bytes_copied_in", "purges", "bytes_purged", "clean_evictions", "evict_seconds",
+              "bytes_copied_in", "zero_pages", "purges", "bytes_purged", "clean_evictions", "evict_seconds",
               "restore_seconds")
 
 
@@ -59,11 +60,16 @@ class BufferManager:
         The pinned staging ring's shape (:class:`Staging`).
     host_capacity
         For the host backend only: the emulated device's size.
+    zero_scan
+        Scan pages before eviction and record all-zero ones instead of copying them
+        (restored with a memset).  Default: on for cuda (a device pass is far cheaper than
+        the copy), off for host.
     """
 
     def __init__(self, device: Any = "auto", *, device_limit: int | float | None = None,
                  store: PageStore | None = None, page_size: int = PAGE_SIZE,
-                 staging: Staging | None = None, host_capacity: int | None = None) -> None:
+                 staging: Staging | None = None, host_capacity: int | None = None,
+                 zero_scan: bool | None = None) -> None:
         self.page_size = check_page_size(page_size)
         if store is not None and store.page_size != self.page_size:
             raise ValueError(f"store page_size={store.page_size:,} differs from {page_size=:,}")
@@ -95,6 +101,8 @@ class BufferManager:
         self._lru_shrinker = LruShrinker(self)
         self._reclaimer.register(self._lru_shrinker)
         self._cupy_hook = CupyAllocatorHook(self)
+        self.zero_scan = scan_default(self.backend.name) if zero_scan is None else bool(zero_scan)
+        self._scanner = PageScanner(self.backend)
         self._closed = False
         log.info("BufferManager on %s (%s): page_size=%d, staging %d x %d B, limit=%s",
                  self.backend.name, self.backend.reason, self.page_size, self._ring.config.slots,
@@ -271,6 +279,9 @@ class BufferManager:
             log.debug("purged buffer #%d (%d B)", buf.id, freed)
             return freed
         todo = np.flatnonzero(p.valid & (p.table == 0))
+        zero = 0
+        if self.zero_scan and todo.size:
+            todo, zero = self._skip_zero_pages(p, todo)
         copied = todo.size * self.page_size
         if todo.size:
             handles = self.store.alloc(todo.size)   # StoreFullError here changes nothing
@@ -288,12 +299,27 @@ class BufferManager:
             self._stats["evictions"] += 1
             self._stats["bytes_evicted"] += freed
             self._stats["bytes_copied_out"] += copied
+            self._stats["zero_pages"] += zero
             self._stats["evict_seconds"] += dt
             if not copied:
                 self._stats["clean_evictions"] += 1
         log.debug("evicted buffer #%d: %d B freed, %d B copied in %.3f ms", buf.id, freed,
                   copied, dt * 1e3)
         return freed
+
+    def _skip_zero_pages(self, p: _Pages, todo: np.ndarray) -> tuple[np.ndarray, int]:
+        """Record all-zero pages as ZERO_PAGE instead of copying them.  The scan runs on the
+        copy stream after the buffer's last use; nothing can write the buffer meanwhile
+        (it is locked and not inside access())."""
+        stream = self.backend.copy_stream
+        if p.last_use is not None:
+            stream.wait_event(p.last_use)
+        is_zero = self._scanner.zero_pages(p.mem, p.held, self.page_size, stream=stream)
+        zero = todo[is_zero[todo]]
+        p.table[zero] = ZERO_PAGE
+        if zero.size:
+            p.evicting = True
+        return todo[~is_zero[todo]], int(zero.size)
 
     def _release_mem(self, p: _Pages) -> int:
         """Free a buffer's device memory; every copy that reads it has completed."""

@@ -1,0 +1,116 @@
+"""Page scans on the device: the one module that reads ``kernels/*.cu`` and uses
+``cupy.RawModule``.  Each kernel has a numpy reference with the same results, which
+the host backend uses and the GPU tests compare against.
+
+``zero_pages``: which pages are all zero (eviction records them instead of copying).
+``checksums``: a 64-bit order-sensitive checksum per page (verify without a copy).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PageScanner", "kernel_source", "checksums_reference", "zero_pages_reference"]
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_BLOCK = 256
+
+
+def kernel_source(name: str) -> str:
+    """Text of ``kernels/<name>``: inside the installed package, or the source tree's."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "_kernels", here.parent / "kernels"):
+        f = d / name
+        if f.is_file():
+            return f.read_text()
+    raise FileNotFoundError(f"kernel source {name!r} not found in {here / '_kernels'} or "
+                            f"{here.parent / 'kernels'}")
+
+
+def _check(nbytes: int, page_size: int) -> int:
+    if page_size % 16:
+        raise ValueError(f"{page_size=} must be a multiple of 16 for the page scans")
+    if nbytes % page_size:
+        raise ValueError(f"{nbytes:,} B is not a whole number of {page_size:,} B pages")
+    return nbytes // page_size
+
+
+def zero_pages_reference(data: np.ndarray, page_size: int) -> np.ndarray:
+    """Bool per page: every byte zero.  ``data`` is uint8, whole pages."""
+    npages = _check(data.shape[0], page_size)
+    words = data.view(np.uint64).reshape(npages, page_size // 8)
+    return ~words.any(axis=1)
+
+
+def checksums_reference(data: np.ndarray, page_size: int) -> np.ndarray:
+    """uint64 per page, the same function as ``checksum_pages`` in kernels/page_scan.cu:
+    ``sum(w) ^ (sum((i+1) * w) * 0x9E3779B97F4A7C15)`` over the page's 32-bit words, mod 2**64."""
+    npages = _check(data.shape[0], page_size)
+    wpp = page_size // 4
+    words = data.view(np.uint32).reshape(npages, wpp).astype(np.uint64)
+    a = words.sum(axis=1, dtype=np.uint64)
+    b = (words * np.arange(1, wpp + 1, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return a ^ (b * _MIX)
+
+
+class PageScanner:
+    """Runs the page scans for one backend: CUDA kernels on a GPU, numpy on the host."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self._module: Any = None
+        self._lock = threading.Lock()
+
+    def _functions(self) -> Any:
+        with self._lock:
+            if self._module is None:
+                import cupy
+
+                with self.backend.activate():
+                    self._module = cupy.RawModule(code=kernel_source("page_scan.cu"),
+                                                  options=("-std=c++17",))
+            return self._module
+
+    def zero_pages(self, mem: Any, nbytes: int, page_size: int, *, stream: Any) -> np.ndarray:
+        """Bool per page of ``mem[:nbytes]``, after the work already on ``stream``."""
+        npages = _check(nbytes, page_size)
+        if self.backend.name != "cuda":
+            stream.synchronize()
+            return zero_pages_reference(self.backend.array(mem, nbytes), page_size)
+        return self._launch("classify_pages", mem, nbytes, page_size, 16, np.uint8, stream,
+                            npages).astype(bool)
+
+    def checksums(self, mem: Any, nbytes: int, page_size: int, *, stream: Any) -> np.ndarray:
+        npages = _check(nbytes, page_size)
+        if self.backend.name != "cuda":
+            stream.synchronize()
+            return checksums_reference(self.backend.array(mem, nbytes), page_size)
+        return self._launch("checksum_pages", mem, nbytes, page_size, 4, np.uint64, stream, npages)
+
+    def _launch(self, name: str, mem: Any, nbytes: int, page_size: int, word: int,
+                dtype: Any, stream: Any, npages: int) -> np.ndarray:
+        import cupy
+
+        if npages == 0:
+            return np.empty(0, dtype)
+        fn = self._functions().get_function(name)
+        with self.backend.activate(), stream:
+            data = self.backend.array(mem, nbytes)
+            out = cupy.empty(npages, dtype=dtype)
+            fn((npages,), (_BLOCK,), (data, np.uint64(page_size // word), np.uint64(npages), out))
+            host = out.get(stream=stream)   # blocking: the result decides what to copy
+        return host
+
+
+def scan_default(backend_name: str) -> bool:
+    """Zero-page scans pay off where a device pass is far cheaper than the copy: on a GPU."""
+    env = os.environ.get("GPU_BACKUP_ZERO_SCAN")
+    if env is not None:
+        return env not in ("0", "", "false", "no")
+    return backend_name == "cuda"

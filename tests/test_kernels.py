@@ -1,0 +1,108 @@
+"""Page scans: numpy references, zero-page eviction, and (on a GPU) kernel == reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpu_backup as gb
+from gpu_backup.buffer import ZERO_PAGE
+from gpu_backup.kernels import PageScanner, checksums_reference, kernel_source, zero_pages_reference
+from conftest import cuda_unusable_reason, fill, random_bytes
+
+PS = gb.PAGE_SIZE
+
+
+def test_kernel_source_is_found():
+    src = kernel_source("page_scan.cu")
+    assert "classify_pages" in src and "checksum_pages" in src
+    with pytest.raises(FileNotFoundError, match="nope.cu"):
+        kernel_source("nope.cu")
+
+
+def test_zero_pages_reference(rng):
+    data = random_bytes(rng, 4 * PS)
+    data[PS:2 * PS] = 0
+    data[3 * PS:] = 0
+    data[4 * PS - 1] = 1          # last byte of the last page: not zero
+    assert zero_pages_reference(data, PS).tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="not a whole number"):
+        zero_pages_reference(data[:100], PS)
+
+
+def test_checksum_reference_by_hand():
+    page = np.zeros(64, np.uint8)
+    page.view(np.uint32)[:3] = [1, 2, 3]
+    a, b = 1 + 2 + 3, 1 * 1 + 2 * 2 + 3 * 3
+    expect = np.uint64(a) ^ np.uint64((b * 0x9E3779B97F4A7C15) % 2**64)
+    assert checksums_reference(page, 64)[0] == expect
+
+
+def test_checksum_is_order_and_byte_sensitive(rng):
+    data = random_bytes(rng, 2 * PS)
+    base = checksums_reference(data, PS)
+    swapped = data.copy()
+    swapped.view(np.uint32)[[0, 1]] = swapped.view(np.uint32)[[1, 0]]
+    flipped = data.copy()
+    flipped[PS + 17] ^= 0x40
+    if data.view(np.uint32)[0] != data.view(np.uint32)[1]:
+        assert checksums_reference(swapped, PS)[0] != base[0]
+    assert checksums_reference(flipped, PS)[1] != base[1]
+    assert checksums_reference(flipped, PS)[0] == base[0]
+
+
+def test_zero_pages_are_recorded_not_copied(make_mgr, rng):
+    mgr = make_mgr(zero_scan=True)
+    buf = mgr.alloc(10 * PS - 5)
+    data = random_bytes(rng, buf.nbytes)
+    zero = [1, 2, 5, 9]
+    for z in zero:
+        data[z * PS:(z + 1) * PS] = 0
+    fill(buf, data)
+    buf.evict()
+    table = buf.page_table()
+    assert np.flatnonzero(table == ZERO_PAGE).tolist() == zero
+    assert (np.delete(table, zero) > 0).all()
+    s = mgr.stats()
+    assert s["zero_pages"] == 4 and s["bytes_copied_out"] == 6 * PS
+    assert mgr.store.bytes_used == 6 * PS
+    np.testing.assert_array_equal(buf.to_host(), data)
+
+
+def test_all_zero_buffer_costs_no_copy(make_mgr):
+    mgr = make_mgr(zero_scan=True)
+    buf = mgr.alloc(64 * PS)
+    fill(buf, np.zeros(buf.nbytes, np.uint8))
+    assert buf.evict() == 64 * PS
+    assert mgr.stats()["bytes_copied_out"] == 0 and mgr.store.bytes_used == 0
+    with buf.access("rw") as arr:
+        assert int(arr.sum()) == 0
+    assert mgr.stats()["bytes_copied_in"] == 0
+
+
+def test_zero_scan_defaults():
+    with gb.BufferManager("host") as m:
+        assert m.zero_scan is False
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_match_the_references(rng):
+    why = cuda_unusable_reason()
+    if why:
+        pytest.skip(f"no usable GPU: {why}")
+    cp = pytest.importorskip("cupy")
+    with gb.BufferManager("cuda") as mgr:
+        assert mgr.zero_scan is True
+        n = 257
+        data = random_bytes(rng, n * PS)
+        for z in (0, 7, 100, 256):
+            data[z * PS:(z + 1) * PS] = 0
+        mem = mgr.backend.alloc(n * PS)
+        mgr.backend.array(mem, n * PS).set(data)
+        scanner = PageScanner(mgr.backend)
+        stream = mgr.backend.copy_stream
+        cp.cuda.Device().synchronize()
+        np.testing.assert_array_equal(scanner.zero_pages(mem, n * PS, PS, stream=stream),
+                                      zero_pages_reference(data, PS))
+        np.testing.assert_array_equal(scanner.checksums(mem, n * PS, PS, stream=stream),
+                                      checksums_reference(data, PS))
