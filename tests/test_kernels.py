@@ -55,7 +55,7 @@ def test_zero_pages_are_recorded_not_copied(make_mgr, rng):
     mgr = make_mgr(zero_scan=True)
     buf = mgr.alloc(10 * PS - 5)
     data = random_bytes(rng, buf.nbytes)
-    zero = [1, 2, 5, 9]
+    zero = [1, 2, 5, 8]          # page 9 is partial: its padding is undefined
     for z in zero:
         data[z * PS:(z + 1) * PS] = 0
     fill(buf, data)
