@@ -400,8 +400,10 @@ class MappedStore:
         if h.shape[0] == 0:
             self._check_open()
             return
-        idx = np.sort(h) - 1
-        dup = np.flatnonzero(np.diff(idx) == 0)
+        idx = h - 1
+        if idx.size > 1 and not (idx[1:] > idx[:-1]).all():
+            idx = np.sort(idx)
+        dup = np.flatnonzero(idx[1:] == idx[:-1])
         if dup.size:
             raise InvalidHandleError(
                 f"handle {int(idx[dup[0]]) + 1} appears more than once in drop() "
@@ -508,8 +510,11 @@ class MappedStore:
 
     def _validate(self, idx: np.ndarray, h: np.ndarray, what: str) -> None:
         # Caller holds the lock.
-        bad = (idx < 0) | (idx >= self.npages)
-        if bad.any():
+        if idx.size == 0 or (idx.min() >= 0 and idx.max() < self.npages):
+            bad = None
+        else:
+            bad = (idx < 0) | (idx >= self.npages)
+        if bad is not None:
             raise InvalidHandleError(
                 f"{what}: handle {int(h[bad][0])} is out of range 1..{self.npages} "
                 f"({int(bad.sum())} of {h.size} handles)")
