@@ -30,9 +30,9 @@ def parse_size(text: str, *, multiple_of: int = 1) -> int:
     if n <= 0:
         raise SizeError(f"size {text!r} must be > 0 bytes")
     if n % multiple_of:
+        near = [m for m in (n // multiple_of * multiple_of, -(-n // multiple_of) * multiple_of) if m]
         raise SizeError(f"size {text!r} = {n:,} B is not a multiple of the page size "
-                        f"{multiple_of:,} B (nearest: {n // multiple_of * multiple_of:,} B or "
-                        f"{-(-n // multiple_of) * multiple_of:,} B)")
+                        f"{multiple_of:,} B (nearest: {' or '.join(f'{m:,} B' for m in near)})")
     return n
 
 
