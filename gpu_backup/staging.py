@@ -63,8 +63,8 @@ def pieces(pages: np.ndarray, max_pages: int) -> tuple[np.ndarray, np.ndarray]:
     """Cut sorted page indices into pieces: runs of consecutive pages, each at most
     ``max_pages`` long.  Returns ``(offsets, counts)`` into ``pages``; vectorised."""
     _, lengths, offsets = runs_of(pages)
-    if lengths.size == 0:
-        return lengths, lengths
+    if lengths.size == 0 or (lengths.size == 1 and lengths[0] <= max_pages):
+        return offsets, lengths
     per_run = -(-lengths // max_pages)
     run = np.repeat(np.arange(lengths.size), per_run)
     first = np.cumsum(per_run) - per_run
@@ -160,7 +160,7 @@ class StagingRing:
                 view = slot.view[:n * ps]
                 self.backend.d2h(view, mem, int(pages[o]) * ps, stream)
                 event = stream.record()
-                return self._pool.submit(to_store, slot, event, handles[o:o + n], view)
+                return self._submit(len(offs) == 1, to_store, slot, event, handles[o:o + n], view)
             except BaseException:
                 self._release(slot, stream.record())
                 raise
@@ -205,7 +205,7 @@ class StagingRing:
         def launch(k: int) -> Future[Any]:
             slot = self._acquire()
             try:
-                return self._pool.submit(from_store, slot, int(offs[k]), int(counts[k]))
+                return self._submit(len(offs) == 1, from_store, slot, int(offs[k]), int(counts[k]))
             except BaseException:
                 self._release(slot)
                 raise
@@ -219,6 +219,18 @@ class StagingRing:
         if error is not None:
             raise error
         return stream.record()
+
+    def _submit(self, inline: bool, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn`` on a worker, or, for an operation of one piece, right here: a thread
+        hop costs more than a small copy, and there is nothing to overlap it with."""
+        if not inline:
+            return self._pool.submit(fn, *args)
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - delivered through the future, as from a worker
+            fut.set_exception(e)
+        return fut
 
     # ------------------------------------------------------------ the driver
     def _run(self, npieces: int, launch: Callable[[int], Future[Any]],
