@@ -42,15 +42,52 @@ class _Pages:
     (or purged): invariant 1.
     """
 
-    __slots__ = ("mem", "table", "valid", "held", "last_use", "evicting", "__weakref__")
+    __slots__ = ("mem", "table", "valid", "held", "uses", "evicting", "plain", "__weakref__")
 
     def __init__(self, npages: int, mem: Any, held: int) -> None:
         self.mem = mem
         self.table = np.zeros(npages, np.int64)
         self.valid = np.ones(npages, bool)
         self.held = held            # device bytes held by mem
-        self.last_use: Any = None   # event recorded on the user's stream after the last access
+        self.uses = Uses()          # events recorded on the users' streams after each access
         self.evicting = False       # an eviction started and has not completed
+        # mem present, every page valid, no store copies or zero marks: access has nothing
+        # to do (kept so that access of a resident buffer costs no scan of the page table)
+        self.plain = mem is not None or npages == 0
+
+
+class Uses:
+    """The events recorded after accesses whose work may still be pending.
+
+    Eviction must follow every one of them, not only the latest: accesses on two
+    streams (or from two threads at once) end in any order.
+    """
+
+    __slots__ = ("_events",)
+
+    def __init__(self) -> None:
+        self._events: list[Any] = []
+
+    def add(self, event: Any) -> None:
+        self._events = [e for e in self._events if not e.done]
+        self._events.append(event)
+
+    def pending(self) -> list[Any]:
+        self._events = [e for e in self._events if not e.done]
+        return list(self._events)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending())
+
+    def synchronize(self) -> None:
+        """Wait (on the host) for every pending use."""
+        for e in self.pending():
+            e.synchronize()
+        self._events = []
+
+    def clear(self) -> None:
+        self._events = []
 
 
 class Buffer:
@@ -74,7 +111,9 @@ class Buffer:
         self._lock = threading.Lock()   # held while pages move; the shrinker only try-locks
         self._pins = 0                  # threads inside access()
         self.id = buf_id
-        self._finalizer = weakref.finalize(self, mgr._reap, buf_id, pages)
+        # Garbage collection only queues the release (it may run on a thread that holds
+        # any lock); the manager performs it at its next safe point.
+        self._finalizer = weakref.finalize(self, mgr._reap_later, buf_id, pages)
 
     def __repr__(self) -> str:
         if not self._finalizer.alive:
@@ -146,7 +185,8 @@ class Buffer:
             that event on the copy stream.
 
         While any thread is inside, the buffer is never evicted.  The array must not be
-        used after the block ends.
+        used after the block ends, nor kept: a live reference to it keeps the device
+        memory allocated (as any CuPy array does) after the buffer is evicted.
         """
         if mode not in _MODES:
             raise ValueError(f"mode={mode!r} must be one of {_MODES}")
@@ -155,32 +195,36 @@ class Buffer:
         with self._lock:
             if self.freed:
                 raise BufferFreedError(f"buffer #{self.id} ({self.nbytes:,} B) was freed")
-            self._pins += 1
-            try:
-                mem = mgr._make_resident(self, mode, user)
-            except BaseException:
+            self._pins += 1   # from here on the buffer is neither evicted nor freed
+        try:
+            mem = mgr._make_resident(self, mode, user)
+        except BaseException:
+            with self._lock:
                 self._pins -= 1
-                raise
+            raise
         try:
             mgr._touch(self)
             yield mgr.backend.array(mem, self.nbytes)
         finally:
-            event = user.record()
-            with self._lock:
-                self._pages.last_use = event
-                self._pins -= 1
+            event = None
+            try:
+                event = user.record()
+            finally:
+                with self._lock:
+                    if event is not None:
+                        self._pages.uses.add(event)
+                    self._pins -= 1
 
     def free(self) -> None:
         """Return the device memory and store pages now.  Idempotent."""
         with self._lock:
             if self._pins:
                 raise BufferBusyError(f"buffer #{self.id} is inside access() in {self._pins} thread(s)")
-            self._finalizer()
+            if self._finalizer.detach() is not None:
+                self._mgr._reap(self.id, self._pages)
 
     def to_host(self) -> np.ndarray:
         """A host copy of the buffer's bytes (restores it if needed; for tests and debugging)."""
-        prior = self._pages.last_use
-        if prior is not None:
-            prior.synchronize()  # the user's last work on it has finished
+        self._pages.uses.synchronize()  # the users' work on it has finished
         with self.access("r"):
             return self._mgr.backend.to_host(self._pages.mem, self.nbytes)

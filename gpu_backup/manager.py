@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
@@ -73,25 +73,26 @@ class BufferManager:
         self.page_size = check_page_size(page_size)
         if store is not None and store.page_size != self.page_size:
             raise ValueError(f"store page_size={store.page_size:,} differs from {page_size=:,}")
+        _resolve_limit(device_limit, 1)  # check it before anything is created
         self._closed = True
-        self.backend = open_backend(device, host_capacity=host_capacity)
-        self._owns_store = store is None
+        owned: list[Any] = []  # what this constructor made, closed again if a later step fails
         try:
-            self.store: PageStore = store if store is not None else ShmemStore(page_size=self.page_size)
-            try:
-                self._ring = StagingRing(self.backend, self.store, staging or Staging(), self.page_size)
-            except BaseException:
-                if self._owns_store:
-                    self.store.close()
-                raise
+            self.backend = open_backend(device, host_capacity=host_capacity)
+            owned.append(self.backend)
+            self._owns_store = store is None
+            if store is None:
+                store = ShmemStore(page_size=self.page_size)
+                owned.append(store)
+            self.store: PageStore = store
+            self._ring = StagingRing(self.backend, self.store, staging or Staging(), self.page_size)
+            owned.append(self._ring)
+            self.device_limit = _resolve_limit(device_limit, self.backend.mem_info()[1])
         except BaseException:
-            self.backend.close()
+            for thing in reversed(owned):
+                thing.close()
             raise
-        total = self.backend.mem_info()[1]
-        self.device_limit = _resolve_limit(device_limit, total)
-        # Reentrant: a buffer's finalizer (_reap) may run from garbage collection on a
-        # thread that already holds it.
         self._lock = threading.RLock()
+        self._graveyard: deque[tuple[int, _Pages]] = deque()  # collected buffers to release
         self._lru: OrderedDict[int, weakref.ref[Buffer]] = OrderedDict()
         self._device_bytes = 0
         self._ids = itertools.count(1)
@@ -120,12 +121,14 @@ class BufferManager:
 
     def buffers(self) -> list[Buffer]:
         """Live buffers, least recently used first."""
+        self._drain()
         with self._lock:
             refs = list(self._lru.values())
         return [b for b in (r() for r in refs) if b is not None]
 
     def stats(self) -> dict[str, Any]:
         """Counters since creation, with throughputs in GB/s (1e9 B/s)."""
+        self._drain()
         with self._lock:
             s: dict[str, Any] = dict(self._stats)
             s["buffers"] = len(self._lru)
@@ -153,6 +156,7 @@ class BufferManager:
         not enough.
         """
         self._check_open()
+        self._drain()
         if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
             raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
         nbytes = int(nbytes)
@@ -208,7 +212,7 @@ class BufferManager:
         return OutOfDeviceMemory(
             f"cannot allocate {nbytes:,} B on {self.backend.name}: {why}; asked {nbytes:,} B, "
             f"reclaimable {reclaimable:,} B, pinned in access() {pinned:,} B, held "
-            f"{self._device_bytes:,} B, limit {self.device_limit if self.device_limit is None else format(self.device_limit, ',')} B, "
+            f"{self._device_bytes:,} B, limit {_fmt_limit(self.device_limit)}, "
             f"device free {free:,} of {total:,} B")
 
     # ----------------------------------------------------------------- reclaim
@@ -218,6 +222,7 @@ class BufferManager:
         the bytes freed.  Never blocks on a buffer another thread holds; called from inside
         a shrinker on the same thread, it returns 0 rather than recurse."""
         self._check_open()
+        self._drain()
         with self.backend.nvtx("gpu_backup.reclaim"):
             return self._reclaimer.reclaim(int(nbytes))
 
@@ -255,19 +260,19 @@ class BufferManager:
             p = buf._pages
             if p.mem is None:
                 return 0
-            if not wait and p.last_use is not None and not p.last_use.done:
+            if not wait and p.uses.busy:
                 return 0
             self._check_open()
-            with self.backend.nvtx("gpu_backup.evict"):
+            with self.backend.activate(), self.backend.nvtx("gpu_backup.evict"):
                 return self._evict_locked(buf, p)
         finally:
             buf._lock.release()
 
     def _evict_locked(self, buf: Buffer, p: _Pages) -> int:
         t0 = time.perf_counter()
+        p.plain = False
         if buf.purgeable:
-            if p.last_use is not None:
-                p.last_use.synchronize()  # the device may still be using it
+            p.uses.synchronize()  # the device may still be using it
             live = p.table[p.table > 0]
             if live.size:
                 self.store.drop(live)
@@ -290,9 +295,16 @@ class BufferManager:
             def commit(pages: np.ndarray, h: np.ndarray) -> None:
                 p.table[pages] = h
 
-            self._ring.evict(p.mem, todo, handles, after=p.last_use, commit=commit)
-        elif p.last_use is not None:
-            p.last_use.synchronize()
+            try:
+                self._ring.evict(p.mem, todo, handles, after=p.uses.pending(), commit=commit)
+            except BaseException:
+                # Whatever the page table did not take is not referenced anywhere: drop it.
+                # (Read from the table itself, so an interrupt between a commit and the
+                # ring's own bookkeeping cannot drop a handle the table holds.)
+                lost = handles[p.table[todo] != handles]
+                if lost.size:
+                    self.store.drop(lost)
+                raise
         freed = self._release_mem(p)
         dt = time.perf_counter() - t0
         with self._lock:
@@ -309,12 +321,17 @@ class BufferManager:
 
     def _skip_zero_pages(self, p: _Pages, todo: np.ndarray) -> tuple[np.ndarray, int]:
         """Record all-zero pages as ZERO_PAGE instead of copying them.  The scan runs on the
-        copy stream after the buffer's last use; nothing can write the buffer meanwhile
+        copy stream after the buffer's pending uses; nothing can write the buffer meanwhile
         (it is locked and not inside access())."""
         stream = self.backend.copy_stream
-        if p.last_use is not None:
-            stream.wait_event(p.last_use)
-        is_zero = self._scanner.zero_pages(p.mem, p.held, self.page_size, stream=stream)
+        for event in p.uses.pending():
+            stream.wait_event(event)
+        try:
+            is_zero = self._scanner.zero_pages(p.mem, p.held, self.page_size, stream=stream)
+        except MemoryError as e:
+            # The device is full: eviction must still work, so copy every page instead.
+            log.debug("zero-page scan skipped: %s", e)
+            return todo, 0
         zero = todo[is_zero[todo]]
         p.table[zero] = ZERO_PAGE
         if zero.size:
@@ -322,42 +339,57 @@ class BufferManager:
         return todo[~is_zero[todo]], int(zero.size)
 
     def _release_mem(self, p: _Pages) -> int:
-        """Free a buffer's device memory; every copy that reads it has completed."""
+        """Free a buffer's device memory.  Every copy that reads it has completed (evict
+        waited for them); a copy stream sync here would cost more than it guards."""
+        p.uses.synchronize()
         freed, p.held = p.held, 0
         p.mem = None
         p.evicting = False
+        p.plain = False
         p.valid[:] = False
-        p.last_use = None
         with self._lock:
             self._device_bytes -= freed
         return freed
 
     # -------------------------------------------------------------- restore
     def _make_resident(self, buf: Buffer, mode: str, user: Any) -> Any:
-        """Caller holds ``buf._lock``.  Returns the device memory, current for ``mode``."""
+        """Make ``buf`` (pinned by the caller) current on the device for ``mode``.
+
+        Device memory is allocated outside the buffer's lock: the reclaim an allocation
+        may run calls shrinkers, which may touch other buffers (or this one)."""
         self._check_open()
         p = buf._pages
-        if buf.npages == 0:
-            return self.backend.alloc(0) if p.mem is None else p.mem
-        purged = p.table == PURGED_PAGE
-        if purged.any() and mode != "w":
-            raise BufferPurgedError(
-                f"buffer #{buf.id} ({buf.nbytes:,} B, purgeable) was discarded under memory "
-                f"pressure; access it with mode='w' to get fresh memory")
-        if p.mem is None:
-            p.mem = self._device_alloc(buf.npages * self.page_size)
-            p.held = buf.npages * self.page_size
-        if mode == "w":
-            self._forget_backups(p)
-            p.valid[:] = True
-            return p.mem
-        need = ~p.valid
-        if need.any():
-            with self.backend.nvtx("gpu_backup.restore"):
-                self._restore_locked(buf, p, need, keep=mode == "r", user=user)
-        if mode == "rw":
-            self._forget_backups(p)
-        return p.mem
+        held = buf.npages * self.page_size
+        with buf._lock:
+            if p.plain:
+                return p.mem if buf.npages else self.backend.alloc(0)
+            if mode != "w" and (p.table == PURGED_PAGE).any():
+                raise BufferPurgedError(
+                    f"buffer #{buf.id} ({buf.nbytes:,} B, purgeable) was discarded under memory "
+                    f"pressure; access it with mode='w' to get fresh memory")
+            need_mem = p.mem is None
+        spare = self._device_alloc(held) if need_mem else None
+        try:
+            with buf._lock, self.backend.activate():
+                if p.mem is None and spare is not None:
+                    p.mem, p.held, spare = spare, held, None
+                if mode == "w":
+                    self._forget_backups(p)
+                    p.valid[:] = True
+                else:
+                    need = ~p.valid
+                    if need.any():
+                        with self.backend.nvtx("gpu_backup.restore"):
+                            self._restore_locked(buf, p, need, keep=mode == "r", user=user)
+                    if mode == "rw":
+                        self._forget_backups(p)
+                p.plain = mode != "r" or not (p.table != 0).any()
+                return p.mem
+        finally:
+            if spare is not None:  # another thread restored the buffer meanwhile
+                del spare
+                with self._lock:
+                    self._device_bytes -= held
 
     def _restore_locked(self, buf: Buffer, p: _Pages, need: np.ndarray, *, keep: bool,
                         user: Any) -> None:
@@ -410,15 +442,29 @@ class BufferManager:
             if buf.id in self._lru:
                 self._lru.move_to_end(buf.id)
 
+    def _reap_later(self, buf_id: int, p: _Pages) -> None:
+        """Finalizer of a collected buffer.  Garbage collection may run on any thread, in
+        the middle of any locked section, so this only queues; ``_drain`` releases."""
+        self._graveyard.append((buf_id, p))
+
+    def _drain(self) -> None:
+        """Release what collected buffers held.  Called at safe points (alloc, shrink, close)."""
+        while self._graveyard:
+            try:
+                buf_id, p = self._graveyard.popleft()
+            except IndexError:
+                return
+            self._reap(buf_id, p)
+
     def _reap(self, buf_id: int, p: _Pages) -> None:
-        """Finalizer of a buffer: release its device memory and store pages once."""
+        """Release a buffer's device memory and store pages, once."""
         with self._lock:
             self._lru.pop(buf_id, None)
-        if p.last_use is not None:
-            try:
-                p.last_use.synchronize()
-            except Exception as e:  # noqa: BLE001 - the memory is released regardless
-                log.warning("buffer #%d: last use failed: %s", buf_id, e)
+        try:
+            p.uses.synchronize()
+        except Exception as e:  # noqa: BLE001 - the memory is released regardless
+            log.warning("buffer #%d: its last use failed: %s", buf_id, e)
+            p.uses.clear()
         if p.mem is not None:
             self._release_mem(p)
         live = p.table[p.table > 0]
@@ -435,21 +481,33 @@ class BufferManager:
         """Free every buffer, stop the staging ring, close the store if owned.  Idempotent."""
         if self._closed:
             return
-        self._cupy_hook.uninstall()
-        for buf in self.buffers():
-            with buf._lock:
-                buf._finalizer()
-        self._closed = True
-        self._ring.close()
-        if self._owns_store:
-            self.store.close()
-        self.backend.close()
+        try:
+            self._cupy_hook.uninstall()
+            for buf in self.buffers():
+                with buf._lock:
+                    if buf._finalizer.detach() is not None:
+                        self._reap(buf.id, buf._pages)
+            self._drain()
+        finally:
+            self._closed = True
+            try:
+                self._ring.close()
+            finally:
+                try:
+                    if self._owns_store:
+                        self.store.close()
+                finally:
+                    self.backend.close()
 
     def __enter__(self) -> BufferManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _fmt_limit(limit: int | None) -> str:
+    return "none" if limit is None else f"{limit:,} B"
 
 
 def _gbps(nbytes: int, seconds: float) -> float:

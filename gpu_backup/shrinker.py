@@ -114,7 +114,12 @@ class Reclaimer:
                 for s in pool:
                     if id(s) in stopped:
                         continue
-                    c = s.count()
+                    try:
+                        c = s.count()
+                    except Exception as e:  # noqa: BLE001 - one bad shrinker must not fail reclaim
+                        log.warning("shrinker %r: count() raised %r; skipped", s, e)
+                        stopped.add(id(s))
+                        continue
                     if c > 0:
                         counts.append((s, c / max(getattr(s, "seeks", DEFAULT_SEEKS), 1e-9), c))
                 total_weight = sum(w for _, w, _ in counts)
@@ -124,7 +129,12 @@ class Reclaimer:
                     if want <= 0:
                         break
                     ask = min(c, want, math.ceil(deficit * w / total_weight)) if rnd == 0 else want
-                    got = s.scan(max(1, ask))
+                    try:
+                        got = s.scan(max(1, ask))
+                    except Exception as e:  # noqa: BLE001 - as SHRINK_STOP, and said
+                        log.warning("shrinker %r: scan(%d) raised %r; treated as SHRINK_STOP",
+                                    s, ask, e)
+                        got = SHRINK_STOP
                     if got == SHRINK_STOP:
                         stopped.add(id(s))
                         continue
@@ -211,8 +221,7 @@ class LruShrinker:
     def _eligible(buf: Buffer, pas: str) -> bool:
         if buf.pinned or buf.freed or buf.device_bytes == 0:
             return False
-        last = buf._pages.last_use
-        pending = last is not None and not last.done
+        pending = buf._pages.uses.busy
         if pas == "cheap":
             return not pending and (buf.purgeable or _is_clean(buf))
         if pas == "idle":

@@ -121,7 +121,11 @@ class StagingRing:
                 self._cond.wait()
             slot = self._free.popleft()
         if slot.event is not None:
-            slot.event.synchronize()
+            try:
+                slot.event.synchronize()
+            except BaseException:
+                self._release(slot, slot.event)  # back to the ring, still guarded by its event
+                raise
             slot.event = None
         return slot
 
@@ -132,17 +136,18 @@ class StagingRing:
             self._cond.notify()
 
     # ------------------------------------------------------------- eviction
-    def evict(self, mem: Any, pages: np.ndarray, handles: np.ndarray, *, after: Any,
+    def evict(self, mem: Any, pages: np.ndarray, handles: np.ndarray, *, after: list[Any],
               commit: Callable[[np.ndarray, np.ndarray], None]) -> None:
         """Copy ``pages`` (sorted indices) of device allocation ``mem`` into the store slots
-        ``handles`` (already allocated, one per page).  ``after``: an event the copies must
-        follow (the buffer's last use), or None.  ``commit(pages, handles)`` runs on this
-        thread for each piece once its bytes are complete in the store.
+        ``handles`` (already allocated, one per page).  ``after``: events the copies must
+        follow (the buffer's pending uses).  ``commit(pages, handles)`` runs on this thread
+        for each piece once its bytes are complete in the store.
 
-        On failure, raises after settling every piece; uncommitted handles are dropped."""
+        On failure, raises after settling every piece.  Handles of pieces not committed are
+        the caller's to drop (the caller's page table says which)."""
         stream = self.backend.copy_stream
-        if after is not None:
-            stream.wait_event(after)
+        for event in after:
+            stream.wait_event(event)
         offs, counts = pieces(pages, self.slot_pages)
         ps = self.page_size
 
@@ -151,7 +156,9 @@ class StagingRing:
                 event.synchronize()
                 self.store.write(h, view)
             finally:
-                self._release(slot)
+                # With its copy's event: if the wait above was interrupted, the copy may
+                # still be writing into the slot, and the next user must wait for it.
+                self._release(slot, event)
 
         def launch(k: int) -> Future[None]:
             o, n = int(offs[k]), int(counts[k])
@@ -169,13 +176,8 @@ class StagingRing:
             o, n = int(offs[k]), int(counts[k])
             commit(pages[o:o + n], handles[o:o + n])
 
-        committed, error = self._run(len(offs), launch, done)
+        _, error = self._run(len(offs), launch, done)
         if error is not None:
-            lost = np.ones(len(pages), bool)
-            for k in committed:
-                lost[offs[k]:offs[k] + counts[k]] = False
-            if lost.any():
-                self.store.drop(handles[lost])
             raise error
 
     # --------------------------------------------------------------- restore

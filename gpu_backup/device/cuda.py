@@ -43,11 +43,10 @@ class CudaBackend:
         self._rt = cp.cuda.runtime
         self.device_id = dev
         self.reason = reason
-        self._device = cp.cuda.Device(dev)
         props = self._rt.getDeviceProperties(dev)
         name = props["name"]
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
-        with self._device:
+        with cp.cuda.Device(dev):
             self.copy_stream = cp.cuda.Stream(non_blocking=True)
         self._nvtx = getattr(cp.cuda, "nvtx", None)
 
@@ -55,16 +54,28 @@ class CudaBackend:
         return f"<CudaBackend {self.device_id}: {self.device_name}>"
 
     def activate(self) -> contextlib.AbstractContextManager[Any]:
-        return self._device
+        """Make this GPU current for the block.  A fresh ``Device`` each time: a Device's
+        context stack is per object, and one object shared by threads would interleave."""
+        return self._cp.cuda.Device(self.device_id)
 
     # memory
     def alloc(self, nbytes: int) -> Any:
-        with self._device:
+        with self.activate():
             try:
-                return self._cp.cuda.alloc(nbytes)
+                mem = self._cp.cuda.alloc(nbytes)
             except (self._cp.cuda.memory.OutOfMemoryError, OutOfDeviceMemory) as e:
                 # OutOfDeviceMemory: the cupy_allocator() hook already tried to reclaim
                 raise DeviceOOM(str(e)) from e
+            # The pool hands out a block freed on the current stream at once, relying on
+            # stream order; work still queued there may touch it.  Our copies run on the
+            # copy stream, so order it after the current stream.
+            self.copy_stream.wait_event(self._event(self._cp.cuda.get_current_stream()))
+            return mem
+
+    def _event(self, stream: Any) -> Any:
+        ev = self._cp.cuda.Event(disable_timing=True)
+        ev.record(stream)
+        return ev
 
     def ptr(self, mem: Any) -> int:
         return int(mem.ptr)
@@ -74,47 +85,47 @@ class CudaBackend:
 
     def to_host(self, mem: Any, nbytes: int) -> np.ndarray:
         out = np.empty(nbytes, np.uint8)
-        with self._device:
+        with self.activate():
             self._rt.memcpy(out.ctypes.data, int(mem.ptr), nbytes, self._rt.memcpyDeviceToHost)
         return out
 
     def pinned(self, nbytes: int) -> tuple[Any, np.ndarray]:
         """Page-locked host memory, allocated directly (not through the pinned pool, which
         would keep it cached): the returned owner frees it when dropped."""
-        with self._device:
+        with self.activate():
             mem = self._cp.cuda.PinnedMemory(nbytes)
         view = np.frombuffer(self._cp.cuda.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
         return mem, view
 
     def mem_info(self) -> tuple[int, int]:
-        with self._device:
+        with self.activate():
             free, total = self._rt.memGetInfo()
         return int(free), int(total)
 
     # copies
     def d2h(self, dst: np.ndarray, src: Any, offset: int, stream: Any) -> None:
-        with self._device:
+        with self.activate():
             self._rt.memcpyAsync(int(dst.ctypes.data), int(src.ptr) + offset, dst.shape[0],
                                  self._rt.memcpyDeviceToHost, stream.ptr)
 
     def h2d(self, dst: Any, offset: int, src: np.ndarray, stream: Any) -> None:
-        with self._device:
+        with self.activate():
             self._rt.memcpyAsync(int(dst.ptr) + offset, int(src.ctypes.data), src.shape[0],
                                  self._rt.memcpyHostToDevice, stream.ptr)
 
     def memset(self, dst: Any, offset: int, nbytes: int, value: int, stream: Any) -> None:
-        with self._device:
+        with self.activate():
             self._rt.memsetAsync(int(dst.ptr) + offset, value, nbytes, stream.ptr)
 
     # streams
     def user_stream(self, stream: Any | None) -> Any:
         if stream is not None:
             return stream
-        with self._device:
+        with self.activate():
             return self._cp.cuda.get_current_stream()
 
     def new_stream(self) -> Any:
-        with self._device:
+        with self.activate():
             return self._cp.cuda.Stream(non_blocking=True)
 
     @contextlib.contextmanager
@@ -129,5 +140,5 @@ class CudaBackend:
             self._nvtx.RangePop()
 
     def close(self) -> None:
-        with self._device:
+        with self.activate():
             self.copy_stream.synchronize()

@@ -57,20 +57,13 @@ class HostStream:
 
     def __init__(self, name: str = "gpu_backup-host-stream") -> None:
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._failed: list[BaseException] = []  # errors since the last event
+        # The thread holds the queue, not the stream: a dropped stream is finalized and
+        # its thread told to stop.
+        self._thread = threading.Thread(target=_serve, args=(self._queue, self._failed),
+                                        name=name, daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, self._queue.put, None)
-
-    def _run(self) -> None:
-        while True:
-            work = self._queue.get()
-            if work is None:
-                return
-            try:
-                work()
-            except BaseException as e:  # noqa: BLE001 - surfaced through the next event
-                self._error = e
 
     def launch(self, fn: Callable[[], None]) -> None:
         """Enqueue ``fn`` (a "kernel": it runs after everything enqueued before it)."""
@@ -79,8 +72,12 @@ class HostStream:
     def record(self) -> HostEvent:
         ev = HostEvent()
 
+        failed = self._failed
+
         def mark() -> None:
-            ev.error, self._error = self._error, None
+            if failed:
+                ev.error = failed[0]
+                failed.clear()
             ev._set()
 
         self._queue.put(mark)
@@ -99,6 +96,18 @@ class HostStream:
             self._finalizer()
             if self._thread is not threading.current_thread():
                 self._thread.join()
+
+
+def _serve(work_queue: queue.SimpleQueue[Callable[[], None] | None],
+           failed: list[BaseException]) -> None:
+    while True:
+        work = work_queue.get()
+        if work is None:
+            return
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - surfaced through the next event
+            failed.append(e)
 
 
 class ImmediateStream:
@@ -130,7 +139,9 @@ class HostBackend:
         self.capacity = int(capacity) if capacity is not None else total // 4
         self.device_name = "host (device memory emulated in RAM)"
         self._used = 0
-        self._lock = threading.Lock()
+        # Reentrant: an allocation's finalizer (_release) may run from garbage collection
+        # on a thread inside alloc().
+        self._lock = threading.RLock()
         self.copy_stream = HostStream("gpu_backup-host-copy")
         self._immediate = ImmediateStream()
 
