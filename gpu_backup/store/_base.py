@@ -41,7 +41,7 @@ from .._runs import expand_runs, runs_of
 from ..errors import ClosedError, InvalidHandleError, StoreFullError
 from ._extents import ExtentSet
 
-__all__ = ["PAGE_SIZE", "MappedStore", "as_bytes", "check_page_size"]
+__all__ = ["PAGE_SIZE", "MappedStore", "as_bytes", "as_handles", "backup_pages", "check_page_size"]
 
 log = logging.getLogger("gpu_backup.store")
 
@@ -341,20 +341,7 @@ class MappedStore:
         nothing is (``StoreFullError`` is raised before any byte is written).
         ``writeback=True`` asks the kernel to push the pages to swap (or disk) now.
         """
-        src = as_bytes(data, "data", writable=False)
-        nbytes = src.shape[0]
-        if nbytes % self.page_size:
-            raise ValueError(
-                f"data is {nbytes:,} B, not a multiple of page_size={self.page_size:,}")
-        handles = self.alloc(nbytes // self.page_size)
-        try:
-            self.write(handles, src)
-            if writeback:
-                self.writeback(handles)
-        except BaseException:
-            self.drop(handles)
-            raise
-        return handles
+        return backup_pages(self, data, writeback)
 
     def read(self, handles: Any, out: Any) -> None:
         """Copy the pages of ``handles`` into ``out`` (writable, ``len(handles) * page_size`` B), in order."""
@@ -396,7 +383,7 @@ class MappedStore:
     def drop(self, handles: Any) -> None:
         """Free the pages of ``handles``.  Up to ``warm_slack`` bytes stay faulted in for reuse;
         the rest go back to the OS (``MADV_REMOVE`` punches a hole in the file)."""
-        h = _as_handles(handles)
+        h = as_handles(handles)
         if h.shape[0] == 0:
             self._check_open()
             return
@@ -492,7 +479,7 @@ class MappedStore:
         return "backing storage"
 
     def _begin(self, handles: Any, what: str, nbytes: int | None) -> np.ndarray:
-        h = _as_handles(handles)
+        h = as_handles(handles)
         if nbytes is not None and nbytes != h.shape[0] * self.page_size:
             buf = "data" if what == "write" else "out"
             raise ValueError(
@@ -612,11 +599,29 @@ class MappedStore:
             return self._holder.pool
 
 
+def backup_pages(store: Any, data: Any, writeback: bool) -> np.ndarray:
+    """``backup`` for any store with ``alloc``/``write``/``writeback``/``drop``: every page is
+    stored and its handle returned, or (on any failure) none is."""
+    src = as_bytes(data, "data", writable=False)
+    nbytes = src.shape[0]
+    if nbytes % store.page_size:
+        raise ValueError(f"data is {nbytes:,} B, not a multiple of page_size={store.page_size:,}")
+    handles = store.alloc(nbytes // store.page_size)
+    try:
+        store.write(handles, src)
+        if writeback:
+            store.writeback(handles)
+    except BaseException:
+        store.drop(handles)
+        raise
+    return handles
+
+
 def _default_threads() -> int:
     return min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
-def _as_handles(handles: Any) -> np.ndarray:
+def as_handles(handles: Any) -> np.ndarray:
     h = np.asarray(handles)
     if h.ndim != 1:
         raise ValueError(f"handles must be 1-D, got shape {h.shape}")

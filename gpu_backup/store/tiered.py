@@ -16,7 +16,7 @@ import numpy as np
 
 from .._runs import expand_runs, runs_of
 from ..errors import ClosedError, InvalidHandleError, StoreFullError
-from ._base import as_bytes
+from ._base import as_bytes, as_handles, backup_pages
 from ._extents import ExtentSet
 from .protocol import PageStore
 
@@ -146,18 +146,7 @@ class TieredStore:
                 self.slow.write(-loc[~fast], np.ascontiguousarray(rows[~fast]))
 
     def backup(self, data: Any, *, writeback: bool = False) -> np.ndarray:
-        src = as_bytes(data, "data", writable=False)
-        if src.shape[0] % self.page_size:
-            raise ValueError(f"data is {src.shape[0]:,} B, not a multiple of page_size={self.page_size:,}")
-        handles = self.alloc(src.shape[0] // self.page_size)
-        try:
-            self.write(handles, src)
-            if writeback:
-                self.writeback(handles)
-        except BaseException:
-            self.drop(handles)
-            raise
-        return handles
+        return backup_pages(self, data, writeback)
 
     def read(self, handles: Any, out: Any) -> None:
         dst = as_bytes(out, "out", writable=True)
@@ -180,9 +169,8 @@ class TieredStore:
 
     def drop(self, handles: Any) -> None:
         with self._lock:
-            h = np.asarray(handles)
-            loc = self._lookup(h, "drop")
-            idx = np.sort(h.astype(np.int64)) - 1
+            loc = self._lookup(handles, "drop")
+            idx = np.sort(as_handles(handles)) - 1
             if idx.size and (np.diff(idx) == 0).any():
                 raise InvalidHandleError("drop: a handle appears more than once")
             fast = loc > 0
@@ -237,12 +225,8 @@ class TieredStore:
 
     def _lookup(self, handles: Any, what: str) -> np.ndarray:
         self._check_open()
-        h = np.asarray(handles)
-        if h.ndim != 1:
-            raise ValueError(f"handles must be 1-D, got shape {h.shape}")
-        if h.size and h.dtype.kind not in "iu":
-            raise ValueError(f"handles must be integers, got dtype {h.dtype}")
-        idx = h.astype(np.int64) - 1
+        h = as_handles(handles)
+        idx = h - 1
         bad = (idx < 0) | (idx >= self.npages)
         if bad.any():
             raise InvalidHandleError(f"{what}: handle {int(h[bad][0])} is out of range 1..{self.npages}")
