@@ -289,7 +289,9 @@ class BufferManager:
             todo, zero = self._skip_zero_pages(p, todo)
         copied = todo.size * self.page_size
         if todo.size:
-            handles = self.store.alloc(todo.size)   # StoreFullError here changes nothing
+            # Slots are reserved here (StoreFullError changes nothing) and faulted in piece by
+            # piece by the ring's workers, in parallel with the device copies.
+            handles = self.store.alloc(todo.size, populate=False)
             p.evicting = True
 
             def commit(pages: np.ndarray, h: np.ndarray) -> None:

@@ -465,3 +465,43 @@ def test_repr_states_usage(rng):
         s.backup(pages(rng, 1))
         assert "4,096 B used of 1,048,576 B" in repr(s)
     assert "closed" in repr(s)
+
+
+# ------------------------------------------------- reserve now, fault in on write
+def test_alloc_without_populate_faults_in_on_write(make_store, rng):
+    s = make_store(warm_slack=1 << 20)
+    base = s.bytes_resident
+    h = s.alloc(32, populate=False)
+    assert s.bytes_resident == base and s.bytes_used == 32 * PS
+    data = pages(rng, 32)
+    s.write(h[:16], data[:16 * PS])
+    assert s.bytes_resident - base >= 16 * PS
+    s.write(h[16:], data[16 * PS:])
+    np.testing.assert_array_equal(readback(s, h), data)
+    s.drop(h)
+    assert s.bytes_warm == 32 * PS               # faulted by the writes: warm now
+
+
+def test_never_written_slots_are_not_kept_warm(make_store):
+    s = make_store(warm_slack=1 << 20)
+    h = s.alloc(8, populate=False)
+    s.drop(h)
+    assert s.bytes_warm == 0 and s.bytes_used == 0
+
+
+def test_failed_fault_in_on_write_keeps_handles_droppable(make_store, rng, monkeypatch):
+    s = make_store(warm_slack=0)
+    h = s.alloc(8, populate=False)
+    real = _os.Mapping.madvise
+
+    def fail_populate(self, advice, offset, length):
+        if advice == _os.MADV_POPULATE_WRITE:
+            raise OSError(errno.ENOMEM, "injected")
+        return real(self, advice, offset, length)
+
+    monkeypatch.setattr(_os.Mapping, "madvise", fail_populate)
+    with pytest.raises(gb.StoreFullError, match="faulting in"):
+        s.write(h, pages(rng, 8))
+    monkeypatch.undo()
+    s.drop(h)
+    assert s.bytes_used == 0

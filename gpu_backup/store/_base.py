@@ -48,7 +48,9 @@ log = logging.getLogger("gpu_backup.store")
 PAGE_SIZE = OS_PAGE_SIZE
 """Default page size: the OS page (4 KiB on x86-64)."""
 
-COLD, WARM, USED, BUSY = 0, 1, 2, 3
+COLD, WARM, USED, BUSY, UNFAULTED = 0, 1, 2, 3, 4
+# UNFAULTED: holds a live handle, but was reserved with alloc(populate=False) and not yet
+# faulted in; write() faults it in first.
 
 # Below this many bytes a copy stays on the calling thread.
 _PARALLEL_MIN = 32 << 20
@@ -264,12 +266,15 @@ class MappedStore:
                 self._idle.notify_all()
 
     # -------------------------------------------------------------- the API
-    def alloc(self, npages: int) -> np.ndarray:
+    def alloc(self, npages: int, *, populate: bool = True) -> np.ndarray:
         """Reserve ``npages`` slots and return their handles (int64, all > 0).
 
-        The slots are faulted in (prefaulted) before this returns, so a failure to
+        With ``populate`` the slots are faulted in before this returns, so a failure to
         get memory is a :class:`StoreFullError` here, not a fault in a later copy.
-        Warm slots are used first; the rest come from as few runs as possible.
+        Without it, cold slots are faulted in by the ``write`` that fills them (which
+        raises :class:`StoreFullError` instead): a pipeline then faults its pieces in
+        on several threads, overlapped with its other copies.  Warm slots are used
+        first; the rest come from as few runs as possible.
         """
         npages = int(npages)
         if npages < 0:
@@ -295,7 +300,7 @@ class MappedStore:
                 for s, n in wruns:
                     self._state[s:s + n] = USED
                 for s, n in cruns:
-                    self._state[s:s + n] = BUSY
+                    self._state[s:s + n] = BUSY if populate else UNFAULTED
                 self._used += npages
                 self._counts["warm_hits"] += npages - sum(n for _, n in cruns)
                 self._counts["cold_allocs"] += sum(n for _, n in cruns)
@@ -304,7 +309,8 @@ class MappedStore:
                 raise
         try:
             try:
-                self._fault_in(cruns)
+                if populate:
+                    self._fault_in(cruns)
             except BaseException as e:
                 self._undo_alloc(wruns, cruns)
                 if isinstance(e, OSError):
@@ -313,9 +319,10 @@ class MappedStore:
                         f"{sum(n for _, n in cruns) * ps:,} B of {self._backing_name()} failed: "
                         f"{e.strerror}") from e
                 raise
-            with self._lock:
-                for s, n in cruns:
-                    self._state[s:s + n] = USED
+            if populate:
+                with self._lock:
+                    for s, n in cruns:
+                        self._state[s:s + n] = USED
             runs = wruns + cruns
             return expand_runs(np.array([s for s, _ in runs], np.int64) + 1,
                                np.array([n for _, n in runs], np.int64))
@@ -327,6 +334,9 @@ class MappedStore:
         src = as_bytes(data, "data", writable=False)
         idx = self._begin(handles, "write", src.shape[0])
         try:
+            unfaulted = idx[self._state[idx] == UNFAULTED]
+            if unfaulted.size:
+                self._fault_in_handles(unfaulted)
             self._copy(idx, src, into_store=True)
             with self._lock:
                 self._counts["pages_written"] += idx.shape[0]
@@ -395,7 +405,7 @@ class MappedStore:
             raise InvalidHandleError(
                 f"handle {int(idx[dup[0]]) + 1} appears more than once in drop() "
                 f"({dup.size} duplicates among {idx.size} handles)")
-        starts, lengths, _ = runs_of(idx)
+        starts, lengths, offsets = runs_of(idx)
         pressure = self._under_pressure()
         with self._lock:
             self._enter()
@@ -407,8 +417,10 @@ class MappedStore:
             try:
                 budget = 0 if pressure else self.warm_slack // self.page_size - self._warm.total
                 release: list[tuple[int, int]] = []
-                for s, n in zip(starts.tolist(), lengths.tolist()):
-                    keep = min(n, max(budget, 0)) if self._release else n
+                # A run with never-faulted slots is not warm: it goes back whole.
+                unfaulted = np.add.reduceat(self._state[idx] == UNFAULTED, offsets) > 0
+                for s, n, cold in zip(starts.tolist(), lengths.tolist(), unfaulted.tolist()):
+                    keep = 0 if cold else (min(n, max(budget, 0)) if self._release else n)
                     if keep:
                         self._state[s:s + keep] = WARM
                         self._warm.add(s, keep)
@@ -505,7 +517,8 @@ class MappedStore:
             raise InvalidHandleError(
                 f"{what}: handle {int(h[bad][0])} is out of range 1..{self.npages} "
                 f"({int(bad.sum())} of {h.size} handles)")
-        dead = self._state[idx] != USED
+        state = self._state[idx]
+        dead = (state != USED) & (state != UNFAULTED)
         if dead.any():
             raise InvalidHandleError(
                 f"{what}: handle {int(h[dead][0])} is not live: never handed out or already "
@@ -554,6 +567,19 @@ class MappedStore:
                     self._populate = False  # kernel < 5.14: pages fault on first write
                     return
                 raise
+
+    def _fault_in_handles(self, idx: np.ndarray) -> None:
+        """Fault in UNFAULTED slots ``idx`` (0-based); StoreFullError if memory is short."""
+        starts, lengths, _ = runs_of(np.sort(idx))
+        runs = list(zip(starts.tolist(), lengths.tolist()))
+        try:
+            self._fault_in(runs)
+        except OSError as e:
+            raise StoreFullError(
+                f"cannot store {idx.size * self.page_size:,} B: faulting in "
+                f"{self._backing_name()} failed: {e.strerror}") from e
+        with self._lock:
+            self._state[idx] = USED
 
     def _undo_alloc(self, wruns: list[tuple[int, int]], cruns: list[tuple[int, int]]) -> None:
         with self._lock:

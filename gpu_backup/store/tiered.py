@@ -91,7 +91,7 @@ class TieredStore:
         return out
 
     # ----------------------------------------------------------------- API
-    def alloc(self, npages: int) -> np.ndarray:
+    def alloc(self, npages: int, *, populate: bool = True) -> np.ndarray:
         npages = int(npages)
         if npages < 0:
             raise ValueError(f"{npages=} must be >= 0")
@@ -101,13 +101,13 @@ class TieredStore:
                 raise StoreFullError(f"cannot store {npages * self.page_size:,} B: "
                                      f"{self._ids.total * self.page_size:,} B free in both tiers")
             try:
-                phys = self.fast.alloc(npages)
+                phys = self.fast.alloc(npages, populate=populate)
             except StoreFullError:
                 self._demote(npages * self.page_size - self.fast.bytes_avail())
                 try:
-                    phys = self.fast.alloc(npages)
+                    phys = self.fast.alloc(npages, populate=populate)
                 except StoreFullError:
-                    phys = self._alloc_split(npages)
+                    phys = self._alloc_split(npages, populate)
             runs = self._ids.take(npages)
             ids = expand_runs(np.array([s for s, _ in runs], np.int64),
                               np.array([n for _, n in runs], np.int64))
@@ -117,12 +117,12 @@ class TieredStore:
                 self._demote(self.low_watermark - self.fast.bytes_avail())
             return ids + 1
 
-    def _alloc_split(self, npages: int) -> np.ndarray:
+    def _alloc_split(self, npages: int, populate: bool) -> np.ndarray:
         """What the fast tier can take, the rest on disk; all or nothing."""
         n_fast = min(npages, self.fast.bytes_avail() // self.page_size)
-        fast = self.fast.alloc(n_fast) if n_fast else np.empty(0, np.int64)
+        fast = self.fast.alloc(n_fast, populate=populate) if n_fast else np.empty(0, np.int64)
         try:
-            slow = self.slow.alloc(npages - n_fast)
+            slow = self.slow.alloc(npages - n_fast, populate=populate)
         except BaseException:
             self.fast.drop(fast)
             raise
