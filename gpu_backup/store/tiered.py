@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,10 @@ class TieredStore:
         self._loc = np.zeros(self.npages, np.int64)    # logical index -> +fast / -slow handle
         self._age = np.zeros(self.npages, np.int64)    # backup sequence number, for demotion
         self._seq = itertools.count(1)
+        # Allocation batches, oldest first: (sequence number, logical indices).  Demotion
+        # takes from the left; entries whose pages were dropped, reused (a newer age) or
+        # already moved are skipped, so nothing here needs updating on drop.
+        self._fifo: deque[tuple[int, np.ndarray]] = deque()
         self._ids = ExtentSet()
         self._ids.add(0, self.npages)
         self._lock = threading.RLock()
@@ -112,7 +117,9 @@ class TieredStore:
             ids = expand_runs(np.array([s for s, _ in runs], np.int64),
                               np.array([n for _, n in runs], np.int64))
             self._loc[ids] = phys
-            self._age[ids] = next(self._seq)
+            seq = next(self._seq)
+            self._age[ids] = seq
+            self._fifo.append((seq, ids))
             if self.low_watermark and self.fast.bytes_avail() < self.low_watermark:
                 self._demote(self.low_watermark - self.fast.bytes_avail())
             return ids + 1
@@ -241,12 +248,22 @@ class TieredStore:
         want = -(-max(0, int(nbytes)) // self.page_size)
         if want == 0:
             return 0
-        in_fast = np.flatnonzero(self._loc > 0)
-        if in_fast.size == 0:
+        want = min(want, self.slow.bytes_avail() // self.page_size)
+        picked: list[np.ndarray] = []
+        while want > 0 and self._fifo:
+            seq, ids = self._fifo[0]
+            live = ids[(self._age[ids] == seq) & (self._loc[ids] > 0)]
+            take = live[:want]
+            if take.size:
+                picked.append(take)
+                want -= take.size
+            if take.size == live.size:
+                self._fifo.popleft()
+            else:
+                self._fifo[0] = (seq, live[take.size:])
+        if not picked:
             return 0
-        want = min(want, in_fast.size, self.slow.bytes_avail() // self.page_size)
-        oldest = in_fast[np.argsort(self._age[in_fast], kind="stable")[:want]]
-        return self._move(np.sort(oldest))
+        return self._move(np.sort(np.concatenate(picked)))
 
     def _move(self, idx: np.ndarray) -> int:
         """Copy logical pages ``idx`` from the fast tier to the slow one, then free them there."""
