@@ -35,8 +35,16 @@ def torch_stream(mgr: gb.BufferManager, torch: Any) -> Any:
         return None   # host backend: work runs on the calling thread
     import cupy
 
-    s = torch.cuda.current_stream(mgr.backend.device_id)
-    return cupy.cuda.ExternalStream(s.cuda_stream, mgr.backend.device_id)
+    dev = mgr.backend.device_id
+    s = torch.cuda.current_stream(dev)
+    with cupy.cuda.Device(dev):   # from_external reads the device from the current one
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(s, "__cuda_stream__"):
+            return cupy.cuda.Stream.from_external(s)
+        import warnings
+
+        with warnings.catch_warnings():   # ExternalStream is deprecated in CuPy 14
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return cupy.cuda.ExternalStream(s.cuda_stream, dev)
 
 
 def main() -> int:

@@ -204,11 +204,12 @@ class Buffer:
             raise
         try:
             mgr._touch(self)
-            yield mgr.backend.array(mem, self.nbytes)
+            with mgr.backend.activate():   # the buffer's GPU is current for the caller's work
+                yield mgr.backend.array(mem, self.nbytes)
         finally:
             event = None
             try:
-                event = user.record()
+                event = mgr.backend.record(user)
             finally:
                 with self._lock:
                     if event is not None:

@@ -15,7 +15,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PageScanner", "kernel_source", "checksums_reference", "zero_pages_reference"]
+__all__ = ["NVRTC_OPTIONS", "PageScanner", "kernel_source", "checksums_reference",
+           "zero_pages_reference"]
+
+NVRTC_OPTIONS = ("-std=c++17",)
+"""Compiler options for kernels/*.cu (CuPy adds the architecture and its own includes)."""
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _BLOCK = 256
@@ -65,17 +69,21 @@ class PageScanner:
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self._module: Any = None
+        self._kernels: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def _functions(self) -> Any:
+    def _kernel(self, name: str) -> Any:
+        """The compiled kernel, built and loaded once, on this backend's GPU."""
         with self._lock:
-            if self._module is None:
+            if name not in self._kernels:
                 import cupy
 
                 with self.backend.activate():
-                    self._module = cupy.RawModule(code=kernel_source("page_scan.cu"),
-                                                  options=("-std=c++17",))
-            return self._module
+                    if self._module is None:
+                        self._module = cupy.RawModule(code=kernel_source("page_scan.cu"),
+                                                      options=NVRTC_OPTIONS)
+                    self._kernels[name] = self._module.get_function(name)
+            return self._kernels[name]
 
     def zero_pages(self, mem: Any, nbytes: int, page_size: int, *, stream: Any) -> np.ndarray:
         """Bool per page of ``mem[:nbytes]``, after the work already on ``stream``."""
@@ -99,7 +107,7 @@ class PageScanner:
 
         if npages == 0:
             return np.empty(0, dtype)
-        fn = self._functions().get_function(name)
+        fn = self._kernel(name)
         with self.backend.activate(), stream:
             data = self.backend.array(mem, nbytes)
             out = cupy.empty(npages, dtype=dtype)

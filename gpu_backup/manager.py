@@ -334,6 +334,11 @@ class BufferManager:
             # The device is full: eviction must still work, so copy every page instead.
             log.debug("zero-page scan skipped: %s", e)
             return todo, 0
+        except Exception as e:  # noqa: BLE001 - e.g. the kernel fails to build here
+            log.warning("zero-page scan failed (%r); turned off for this manager, pages are "
+                        "copied instead", e)
+            self.zero_scan = False
+            return todo, 0
         zero = todo[is_zero[todo]]
         p.table[zero] = ZERO_PAGE
         if zero.size:
@@ -414,7 +419,7 @@ class BufferManager:
             starts, lengths, _ = runs_of(zeros)
             for s, n in zip(starts.tolist(), lengths.tolist()):
                 self.backend.memset(p.mem, s * ps, n * ps, 0, stream)
-            event = stream.record()
+            event = self.backend.record(stream)
             event.synchronize()
             p.valid[zeros] = True
             if not keep:

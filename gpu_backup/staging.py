@@ -153,7 +153,8 @@ class StagingRing:
 
         def to_store(slot: _Slot, event: Any, h: np.ndarray, view: np.ndarray) -> None:
             try:
-                event.synchronize()
+                with self.backend.activate():  # no stray context on another GPU
+                    event.synchronize()
                 self.store.write(h, view)
             finally:
                 # With its copy's event: if the wait above was interrupted, the copy may
@@ -166,10 +167,10 @@ class StagingRing:
             try:
                 view = slot.view[:n * ps]
                 self.backend.d2h(view, mem, int(pages[o]) * ps, stream)
-                event = stream.record()
+                event = self.backend.record(stream)
                 return self._submit(len(offs) == 1, to_store, slot, event, handles[o:o + n], view)
             except BaseException:
-                self._release(slot, stream.record())
+                self._release(slot, self.backend.record(stream))
                 raise
 
         def done(k: int, _: None) -> None:
@@ -199,7 +200,7 @@ class StagingRing:
                 self.store.read(handles[o:o + n], view)
                 with backend.activate():
                     backend.h2d(mem, int(pages[o]) * ps, view, stream)
-                    event = stream.record()
+                    event = self.backend.record(stream)
                 return event
             finally:
                 self._release(slot, event)
@@ -220,7 +221,7 @@ class StagingRing:
         _, error = self._run(len(offs), launch, done)
         if error is not None:
             raise error
-        return stream.record()
+        return self.backend.record(stream)
 
     def _submit(self, inline: bool, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn`` on a worker, or, for an operation of one piece, right here: a thread

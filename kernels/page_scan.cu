@@ -7,8 +7,8 @@
 //
 // Pages are read as 16-byte words; page_bytes must be a multiple of 16 and the
 // buffer 16-byte aligned (device allocations are 256-byte aligned).
-
-#include <cstdint>
+// No #include: NVRTC has no C++ standard headers on its path, and uint4 and
+// __syncthreads_or are built in.
 
 extern "C" __global__ void classify_pages(const uint4* __restrict__ data,
                                           unsigned long long words_per_page,

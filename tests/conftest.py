@@ -108,6 +108,22 @@ def random_bytes(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 256, n, dtype=np.uint8)
 
 
+_SPIN_SRC = r"""
+extern "C" __global__ void spin_then_fill(unsigned long long cycles, unsigned char* out,
+                                          unsigned long long n) {
+    long long start = clock64();
+    while (clock64() - start < (long long)cycles) { }
+    for (unsigned long long i = threadIdx.x; i < n; i += blockDim.x) out[i] = i % 251;
+}
+"""
+
+
+def _spin_then_fill():
+    import cupy as cp
+
+    return cp.RawKernel(_SPIN_SRC, "spin_then_fill")
+
+
 class _SlowWrite:
     """A slow 'kernel' on a user stream that writes a known pattern, per backend."""
 
@@ -128,11 +144,8 @@ class _SlowWrite:
         else:
             import cupy as cp
 
-            with stream:
-                x = cp.zeros(n, cp.uint8)
-                for _ in range(200):          # long enough to still run at evict time
-                    x = (x + 1) % 251
-                arr[:] = (cp.arange(n, dtype=cp.int64) % 251).astype(cp.uint8)
+            with stream:   # spins ~0.1 s on the GPU, then writes: still running at evict time
+                _spin_then_fill()((1,), (256,), (np.uint64(200_000_000), arr, np.uint64(n)))
         return expected
 
     def add_one(self, stream, arr, data) -> np.ndarray:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import gpu_backup as gb
 from gpu_backup.buffer import ZERO_PAGE
-from gpu_backup.kernels import PageScanner, checksums_reference, kernel_source, zero_pages_reference
+from gpu_backup.kernels import (
+    NVRTC_OPTIONS,
+    PageScanner,
+    checksums_reference,
+    kernel_source,
+    zero_pages_reference,
+)
 from conftest import cuda_unusable_reason, fill, random_bytes
 
 PS = gb.PAGE_SIZE
@@ -106,3 +115,35 @@ def test_gpu_kernels_match_the_references(rng):
                                       zero_pages_reference(data, PS))
         np.testing.assert_array_equal(scanner.checksums(mem, n * PS, PS, stream=stream),
                                       checksums_reference(data, PS))
+
+
+KERNELS = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "kernels").glob("*.cu"))
+
+
+def _nvrtc() -> ctypes.CDLL:
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        return ctypes.CDLL(load_nvidia_dynamic_lib("nvrtc").abs_path)
+    except Exception as e:  # noqa: BLE001 - not installed: the reason is the skip message
+        pytest.skip(f"NVRTC is not available ({type(e).__name__}: {e}); "
+                    f"install gpu-backup[cuda13] or [cuda12]")
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_compiles_with_nvrtc(name):
+    """Every kernel source compiles with NVRTC and our options: no GPU is needed, so a
+    source that cannot build is caught before a GPU session is spent on it."""
+    assert KERNELS, "no kernels/*.cu found"
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), kernel_source(name).encode(),
+                                  name.encode(), 0, None, None) == 0
+    opts = [o.encode() for o in (*NVRTC_OPTIONS, "-arch=compute_90")]
+    result = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert result == 0, f"{name} does not compile with NVRTC:\n{log.value.decode()}"

@@ -55,9 +55,14 @@ def cuda_versions() -> dict[str, str | None]:
     except Exception:  # noqa: BLE001 - a broken install reads as "n/a"
         return out
     out["cupy"] = str(getattr(cupy, "__version__", None))
-    for key, fn in (("cuda_driver", "driverGetVersion"), ("cuda_runtime", "runtimeGetVersion")):
+    # The runtime actually loaded (get_local_runtime_version), not the one CuPy was built
+    # against (runtime.runtimeGetVersion), where this CuPy can tell.
+    local = getattr(cupy.cuda, "get_local_runtime_version", None)
+    probes = (("cuda_driver", cupy.cuda.runtime.driverGetVersion),
+              ("cuda_runtime", local or cupy.cuda.runtime.runtimeGetVersion))
+    for key, fn in probes:
         try:
-            out[key] = cuda_version_str(int(getattr(cupy.cuda.runtime, fn)()))
+            out[key] = cuda_version_str(int(fn()))
         except Exception:  # noqa: BLE001 - no driver, no device: "n/a"
             out[key] = None
     return out

@@ -129,10 +129,10 @@ def raw_buffers(backend: Any, data: np.ndarray) -> Iterator[tuple[Any, np.ndarra
 
 
 def _copy_times(enqueue: Callable[[], None], stream: Any, repeats: int) -> list[float]:
-    """Times of ``enqueue(); stream.record().synchronize()`` after one untimed warm-up."""
+    """Times of ``enqueue(); stream.synchronize()`` after one untimed warm-up."""
     def once() -> None:
         enqueue()
-        stream.record().synchronize()
+        stream.synchronize()
 
     once()
     return [_timed(once) for _ in range(repeats)]

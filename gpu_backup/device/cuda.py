@@ -48,7 +48,8 @@ class CudaBackend:
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
         with cp.cuda.Device(dev):
             self.copy_stream = cp.cuda.Stream(non_blocking=True)
-        self._nvtx = getattr(cp.cuda, "nvtx", None)
+        nvtx = getattr(cp.cuda, "nvtx", None)   # a stand-in with available=False if absent
+        self._nvtx = nvtx if getattr(nvtx, "available", False) else None
 
     def __repr__(self) -> str:
         return f"<CudaBackend {self.device_id}: {self.device_name}>"
@@ -118,6 +119,11 @@ class CudaBackend:
             self._rt.memsetAsync(int(dst.ptr) + offset, value, nbytes, stream.ptr)
 
     # streams
+    def record(self, stream: Any) -> Any:
+        """A sync-only event (no timing: cheaper) recorded on ``stream``, on this GPU."""
+        with self.activate():
+            return self._event(stream)
+
     def user_stream(self, stream: Any | None) -> Any:
         if stream is not None:
             return stream

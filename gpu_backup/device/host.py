@@ -195,6 +195,9 @@ class HostBackend:
         stream.launch(lambda: dst[offset:offset + nbytes].fill(value))
 
     # streams
+    def record(self, stream: Any) -> HostEvent:
+        return stream.record()
+
     def user_stream(self, stream: Any | None) -> Any:
         return self._immediate if stream is None else stream
 
