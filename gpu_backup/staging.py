@@ -109,10 +109,6 @@ class StagingRing:
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="gpu_backup-staging")
         self._closed = False
 
-    @property
-    def pinned_bytes(self) -> int:
-        return len(self._slots) * self.slot_bytes
-
     def _acquire(self) -> _Slot:
         with self._cond:
             while not self._free:

@@ -223,17 +223,22 @@ def test_host_memory_limit_refuses(rng):
         assert s.bytes_used == 0 and s.bytes_resident == 0
 
 
-def test_failed_prefault_stores_nothing(make_store, rng, monkeypatch):
-    s = make_store(warm_slack=0)
-    keep = s.backup(pages(rng, 4))
+def fail_populate(monkeypatch) -> None:
+    """Make every MADV_POPULATE_WRITE fail with ENOMEM, as when host memory runs out."""
     real = _os.Mapping.madvise
 
-    def fail_populate(self, advice, offset, length):
+    def failing(self, advice, offset, length):
         if advice == _os.MADV_POPULATE_WRITE:
             raise OSError(errno.ENOMEM, "injected")
         return real(self, advice, offset, length)
 
-    monkeypatch.setattr(_os.Mapping, "madvise", fail_populate)
+    monkeypatch.setattr(_os.Mapping, "madvise", failing)
+
+
+def test_failed_prefault_stores_nothing(make_store, rng, monkeypatch):
+    s = make_store(warm_slack=0)
+    keep = s.backup(pages(rng, 4))
+    fail_populate(monkeypatch)
     with pytest.raises(gb.StoreFullError, match="faulting in") as ei:
         s.backup(pages(rng, 8))
     assert isinstance(ei.value.__cause__, OSError)
@@ -492,14 +497,7 @@ def test_never_written_slots_are_not_kept_warm(make_store):
 def test_failed_fault_in_on_write_keeps_handles_droppable(make_store, rng, monkeypatch):
     s = make_store(warm_slack=0)
     h = s.alloc(8, populate=False)
-    real = _os.Mapping.madvise
-
-    def fail_populate(self, advice, offset, length):
-        if advice == _os.MADV_POPULATE_WRITE:
-            raise OSError(errno.ENOMEM, "injected")
-        return real(self, advice, offset, length)
-
-    monkeypatch.setattr(_os.Mapping, "madvise", fail_populate)
+    fail_populate(monkeypatch)
     with pytest.raises(gb.StoreFullError, match="faulting in"):
         s.write(h, pages(rng, 8))
     monkeypatch.undo()

@@ -78,9 +78,6 @@ class CudaBackend:
         ev.record(stream)
         return ev
 
-    def ptr(self, mem: Any) -> int:
-        return int(mem.ptr)
-
     def array(self, mem: Any, nbytes: int) -> Any:
         return self._cp.ndarray((nbytes,), dtype=self._cp.uint8, memptr=mem)
 

@@ -164,9 +164,6 @@ class HostBackend:
         with self._lock:
             self._used -= nbytes
 
-    def ptr(self, mem: np.ndarray) -> int:
-        return int(mem.ctypes.data)
-
     def array(self, mem: np.ndarray, nbytes: int) -> np.ndarray:
         return mem[:nbytes]
 
