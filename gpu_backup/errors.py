@@ -19,6 +19,7 @@ __all__ = [
     "BufferFreedError",
     "BufferBusyError",
     "CopyError",
+    "ForkedError",
 ]
 
 
@@ -66,3 +67,9 @@ class CopyError(GpuBackupError):
 
     The state it leaves is consistent: every page is on the device or complete in the store.
     """
+
+
+class ForkedError(GpuBackupError, RuntimeError):
+    """An object made before ``fork()`` was used in the child.  The child must make its own:
+    an inherited store shares its memory with the parent, and an inherited manager has no
+    copy threads."""

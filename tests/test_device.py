@@ -74,7 +74,7 @@ def test_public_names_are_pinned():
     assert sorted(gb.__all__) == sorted([
         "PAGE_SIZE", "SHRINK_EMPTY", "SHRINK_STOP", "Buffer", "BufferBusyError",
         "BufferFreedError", "BufferManager", "BufferPurgedError", "ClosedError", "CopyError",
-        "FileStore", "GpuBackupError", "InvalidHandleError", "NoDeviceError",
+        "FileStore", "ForkedError", "GpuBackupError", "InvalidHandleError", "NoDeviceError",
         "OutOfDeviceMemory", "PageStore", "Residency", "ShmemStore", "Shrinker", "Staging",
         "StoreFullError", "TieredStore", "__version__"])
     for name in gb.__all__:
