@@ -14,6 +14,8 @@ import json
 import os
 import sys
 import time
+import warnings
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ from . import __version__
 from ._os import host_memory
 from .bench.env import cuda_versions
 from .bench.sizes import SizeError, fmt_bytes, fmt_size, parse_size, parse_sizes
-from .errors import NoDeviceError
+from .errors import HostFallbackWarning, NoDeviceError
 from .staging import Staging
 from .store import PAGE_SIZE
 
@@ -40,12 +42,17 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------ parsing
 def _device(text: str) -> str | int:
-    t = text.strip().lower()
-    if t in ("auto", "host", "cuda"):
-        return t
+    from .device import parse_device
+
+    t = text.strip()
     if t.isdigit():
         return int(t)
-    raise argparse.ArgumentTypeError(f"device {text!r}: use auto, host, cuda or a GPU index (0, 1, ...)")
+    try:
+        kind, index = parse_device(t)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"device {text!r}: use auto, host, cuda, cuda:N or a GPU index (0, 1, ...)") from None
+    return kind if index is None else f"{kind}:{index}"
 
 
 def _size_arg(text: str) -> int:
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hold more GPU buffers than the GPU has: inspect, benchmark, demonstrate.")
     p.add_argument("--version", action="version", version=f"gpu-backup {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{info,bench,demo}")
-    dev_help = "auto (CUDA if usable, else host), cuda, host, or a GPU index (default: auto)"
+    dev_help = "auto (CUDA if usable, else host), cuda, cuda:N, host, or a GPU index (default: auto)"
 
     info = sub.add_parser("info", help="the backend chosen and why, device, staging, store, host memory")
     info.add_argument("--device", type=_device, default="auto", help=dev_help)
@@ -125,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "info":
-            return cmd_info(args)
-        if args.command == "bench":
-            return cmd_bench(args)
-        return cmd_demo(args)
+        with warnings.catch_warnings():
+            # Every command prints the backend and why it was chosen: no warning on top.
+            warnings.simplefilter("ignore", HostFallbackWarning)
+            if args.command == "info":
+                return cmd_info(args)
+            if args.command == "bench":
+                return cmd_bench(args)
+            return cmd_demo(args)
     except (UsageError, SizeError) as e:
         parser.exit(2, f"gpu-backup {args.command}: error: {e}\n")
     except NoDeviceError as e:
@@ -153,7 +163,9 @@ def _console() -> Any:
 
 # --------------------------------------------------------------------- info
 def collect_info(device: Any) -> dict[str, Any]:
-    """What ``gpu-backup info`` reports, as a JSON-ready dict (None where unavailable)."""
+    """What ``gpu-backup info`` reports, as a JSON-ready dict (None where unavailable).
+    ``kernels``: whether CuPy can compile this library's kernels here, and why not."""
+    from .kernels import kernel_build_check
     from .manager import BufferManager
 
     staging = Staging()
@@ -173,6 +185,7 @@ def collect_info(device: Any) -> dict[str, Any]:
             **cuda_versions(),
             "page_size": ps,
             "zero_scan": getattr(mgr, "zero_scan", None),
+            "kernels": asdict(kernel_build_check()),
             "staging": {"slots": staging.slots, "slot_bytes": slot, "threads": staging.threads,
                         "pinned_bytes": staging.slots * slot},
             "store": {"kind": getattr(store, "kind", type(store).__name__),
@@ -209,6 +222,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("CuPy", info["cupy"] or na),
         ("page size", f"{info['page_size']:,} B"),
         ("zero-page scan", {True: "on", False: "off", None: na}[info["zero_scan"]]),
+        ("CUDA kernels", _kernels_text(info["kernels"])),
         ("staging ring", f"{sg['slots']} x {fmt_bytes(sg['slot_bytes'])} = "
                          f"{fmt_bytes(sg['pinned_bytes'])} pinned, {sg['threads']} copy threads"),
         ("store", f"{st['kind']}: capacity {fmt_bytes(st['capacity'])}, "
@@ -225,6 +239,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "note" in info:
         console.print(f"[bold yellow]{escape(info['note'])}[/bold yellow]")
     return 0
+
+
+def _kernels_text(k: dict[str, Any]) -> str:
+    if not k["ok"]:
+        return f"cannot compile here: {k['why']}"
+    where = f"; CUDA headers from {k['headers_from']}: {k['headers']}" if k["headers"] else ""
+    return f"can compile (NVRTC {k['nvrtc']}{where})"
 
 
 # -------------------------------------------------------------------- bench

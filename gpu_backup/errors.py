@@ -20,6 +20,7 @@ __all__ = [
     "BufferBusyError",
     "CopyError",
     "ForkedError",
+    "HostFallbackWarning",
 ]
 
 
@@ -73,3 +74,9 @@ class ForkedError(GpuBackupError, RuntimeError):
     """An object made before ``fork()`` was used in the child.  The child must make its own:
     an inherited store shares its memory with the parent, and an inherited manager has no
     copy threads."""
+
+
+class HostFallbackWarning(UserWarning):
+    """``device="auto"`` found no usable GPU and chose the host backend, which emulates
+    device memory in host RAM: its figures are not GPU figures.  Issued once per process,
+    with the reason; ``device="host"`` asks for the emulator without it."""

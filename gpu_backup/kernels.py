@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["NVRTC_OPTIONS", "PageScanner", "kernel_source", "checksums_reference",
-           "zero_pages_reference"]
+__all__ = ["NVRTC_OPTIONS", "KernelBuild", "PageScanner", "kernel_build_check", "kernel_source",
+           "checksums_reference", "zero_pages_reference"]
 
 NVRTC_OPTIONS = ("-std=c++17",)
 """Compiler options for kernels/*.cu (CuPy adds the architecture and its own includes)."""
@@ -122,3 +123,70 @@ def scan_default(backend_name: str) -> bool:
     if env is not None:
         return env not in ("0", "", "false", "no")
     return backend_name == "cuda"
+
+
+_EXTRA_HINT = "install gpu-backup[cuda13] (or [cuda12] for a CUDA 12 driver), which brings them"
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """Whether CuPy can compile kernels here (``ok``) and why not (``why``); where CuPy
+    found the CUDA runtime headers (``headers``, ``headers_from``) and the NVRTC version."""
+
+    ok: bool
+    why: str
+    nvrtc: str | None = None
+    headers: str | None = None
+    headers_from: str | None = None
+
+
+def kernel_build_check(name: str = "page_scan.cu") -> KernelBuild:
+    """Take the steps ``cupy.RawModule`` takes before it needs a GPU, without one: CuPy's
+    own compiler options (its CUDA header lookup: CuPy 12.2 and later refuse to compile
+    any kernel, even one without includes, when the runtime headers are missing), then
+    NVRTC on ``kernels/<name>`` with those options.  A machine with only the driver
+    fails the first step; then the zero-page scan turns itself off and CuPy's own
+    elementwise kernels fail too."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        return KernelBuild(False, f"CuPy is not installed ({e}); {_EXTRA_HINT}")
+    headers = headers_from = None
+    try:
+        from cuda.pathfinder import locate_nvidia_header_directory
+
+        found = locate_nvidia_header_directory("cudart")
+        if found is not None:
+            headers, headers_from = found.abs_path, found.found_via
+    except Exception:  # noqa: BLE001 - reporting only; CuPy's own lookup decides below
+        pass
+    try:
+        from cupy._core.core import assemble_cupy_compiler_options
+        from cupy.cuda import nvrtc
+
+        options = tuple(assemble_cupy_compiler_options(NVRTC_OPTIONS))
+    except RuntimeError as e:       # CuPy's "Failed to find CUDA headers"
+        return KernelBuild(False, f"CuPy cannot find the CUDA runtime headers ({e}); "
+                                  f"{_EXTRA_HINT}", headers=headers, headers_from=headers_from)
+    except Exception as e:  # noqa: BLE001 - an unexpected CuPy layout: say what broke
+        return KernelBuild(False, f"CuPy's compiler setup failed ({type(e).__name__}: {e})",
+                           headers=headers, headers_from=headers_from)
+    try:
+        major, minor = nvrtc.getVersion()
+        arch = min(int(a) for a in nvrtc.getSupportedArchs())
+    except Exception as e:  # noqa: BLE001 - the library is missing or broken
+        return KernelBuild(False, f"NVRTC cannot be loaded ({type(e).__name__}: {e}); "
+                                  f"{_EXTRA_HINT}", headers=headers, headers_from=headers_from)
+    version = f"{major}.{minor}"
+    prog = nvrtc.createProgram(kernel_source(name), name, (), ())
+    try:
+        nvrtc.compileProgram(prog, (*options, "--device-as-default-execution-space",
+                                    f"-arch=compute_{arch}"))
+    except Exception as e:  # noqa: BLE001 - NVRTCError: the log says why
+        log = nvrtc.getProgramLog(prog)
+        return KernelBuild(False, f"NVRTC {version} cannot compile {name}: {e}\n{log}",
+                           nvrtc=version, headers=headers, headers_from=headers_from)
+    finally:
+        nvrtc.destroyProgram(prog)
+    return KernelBuild(True, f"{name} compiles with NVRTC {version} and CuPy's options",
+                       nvrtc=version, headers=headers, headers_from=headers_from)

@@ -15,7 +15,8 @@ import numpy as np
 
 from ._runs import runs_of
 from .buffer import PURGED_PAGE, ZERO_PAGE, Buffer, _Pages
-from .device import DeviceOOM, open_backend
+from .device import open_backend
+from .device.oom import is_device_oom
 from .errors import (
     BufferBusyError,
     BufferFreedError,
@@ -45,8 +46,8 @@ class BufferManager:
     Parameters
     ----------
     device
-        ``"auto"`` (CUDA if usable, else host; ``backend.reason`` says why), ``"cuda"``,
-        an int GPU index, or ``"host"``.
+        ``"auto"`` (CUDA if usable, else host, with a warning that says why), ``"cuda"``,
+        ``"cuda:N"`` or an int N (any case; a ``torch.device`` too), or ``"host"``.
     device_limit
         Most device bytes this manager's buffers may hold: an int, a fraction of the
         device's memory (0 < x <= 1), or None (no limit short of a real OOM).  Past it,
@@ -197,7 +198,9 @@ class BufferManager:
             while True:
                 try:
                     return self.backend.alloc(nbytes)
-                except DeviceOOM as e:
+                except Exception as e:
+                    if not is_device_oom(e):
+                        raise
                     if self._reclaimer.reclaim(nbytes) == 0:
                         raise self._oom(nbytes, str(e)) from e
         except BaseException:
@@ -330,11 +333,12 @@ class BufferManager:
             stream.wait_event(event)
         try:
             is_zero = self._scanner.zero_pages(p.mem, p.held, self.page_size, stream=stream)
-        except MemoryError as e:
-            # The device is full: eviction must still work, so copy every page instead.
-            log.debug("zero-page scan skipped: %s", e)
-            return todo, 0
         except Exception as e:  # noqa: BLE001 - e.g. the kernel fails to build here
+            if is_device_oom(e):
+                # The device is full (any allocator's form): eviction must still work, so
+                # this one copies every page; the next one scans again.
+                log.debug("zero-page scan skipped: %s", e)
+                return todo, 0
             log.warning("zero-page scan failed (%r); turned off for this manager, pages are "
                         "copied instead", e)
             self.zero_scan = False

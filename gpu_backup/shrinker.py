@@ -1,4 +1,5 @@
-"""Reclaim: the shrinker contract, the manager's LRU buffer shrinker, and the CuPy hook.
+"""Reclaim: the shrinker contract and the manager's LRU buffer shrinker (the CuPy allocator
+hook lives in :mod:`gpu_backup.device.cupy_hook` and is re-exported here).
 
 The contract is the kernel's (``include/linux/shrinker.h``), in bytes:
 
@@ -17,16 +18,15 @@ something.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .errors import GpuBackupError, OutOfDeviceMemory
+from .device.cupy_hook import CupyAllocatorHook  # re-exported: the hook has its own module
+from .errors import GpuBackupError
 
 if TYPE_CHECKING:
     from .buffer import Buffer
@@ -233,76 +233,3 @@ def _is_clean(buf: Buffer) -> bool:
     """Every page has a valid store copy (or is zero): eviction needs no copy."""
     t = buf._pages.table
     return bool(t.size) and bool((t != 0).all())
-
-
-class CupyAllocatorHook:
-    """Routes every CuPy allocation through a wrapper of the allocator it replaces: on
-    out-of-memory, free the pool's cached blocks, run the shrinkers, retry, and only then
-    raise :class:`OutOfDeviceMemory`.  ``uninstall`` puts the replaced allocator back."""
-
-    def __init__(self, mgr: BufferManager) -> None:
-        self._mgr = weakref.ref(mgr)
-        self._cp: Any = None
-        self._previous: Any = None
-        self.installed = False
-        self.stats = {"oom_events": 0, "oom_recovered": 0, "bytes_reclaimed": 0}
-
-    def install(self) -> None:
-        if self.installed:
-            raise RuntimeError("the CuPy allocator hook is already installed")
-        try:
-            import cupy
-        except ImportError as e:
-            raise RuntimeError(f"cupy_allocator() needs CuPy: {e}") from e
-        self._cp = cupy
-        self._previous = cupy.cuda.get_allocator()
-        cupy.cuda.set_allocator(self._malloc)
-        self.installed = True
-
-    def uninstall(self) -> None:
-        if not self.installed:
-            return
-        current = self._cp.cuda.get_allocator()
-        if current != self._malloc:
-            log.warning("the CuPy allocator was replaced while gpu_backup's hook was installed; "
-                        "restoring the one gpu_backup replaced anyway")
-        self._cp.cuda.set_allocator(self._previous)
-        self.installed = False
-
-    def _malloc(self, nbytes: int) -> Any:
-        previous = self._previous
-        oom = self._cp.cuda.memory.OutOfMemoryError
-        try:
-            return previous(nbytes)
-        except oom as first:
-            self.stats["oom_events"] += 1
-            pool = getattr(previous, "__self__", None)
-            if pool is not None and hasattr(pool, "free_all_blocks"):
-                pool.free_all_blocks()
-                try:
-                    mem = previous(nbytes)
-                    self.stats["oom_recovered"] += 1
-                    return mem
-                except oom:
-                    pass
-            mgr = self._mgr()
-            freed = mgr.shrink(nbytes) if mgr is not None and not mgr.closed else 0
-            self.stats["bytes_reclaimed"] += freed
-            if freed and pool is not None and hasattr(pool, "free_all_blocks"):
-                pool.free_all_blocks()
-            try:
-                mem = previous(nbytes)
-            except oom as again:
-                raise OutOfDeviceMemory(
-                    f"CuPy allocation of {nbytes:,} B failed after reclaiming {freed:,} B: "
-                    f"{again}") from first
-            self.stats["oom_recovered"] += 1
-            return mem
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        self.install()
-        try:
-            yield
-        finally:
-            self.uninstall()

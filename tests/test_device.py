@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -19,12 +20,30 @@ def test_host_on_request():
         assert "requested" in m.backend.reason
 
 
+@pytest.fixture
+def fresh_process_warnings(monkeypatch):
+    """As in a fresh process: the once-per-process fallback warning has not been issued."""
+    import gpu_backup.device as device
+
+    monkeypatch.setattr(device, "_fallback_warned", set())
+
+
 @pytest.mark.skipif(NO_GPU is None, reason="a GPU is present: fallback cannot be observed")
-def test_auto_falls_back_to_host_with_the_reason():
-    with gb.BufferManager("auto") as m:
+def test_auto_falls_back_to_host_with_the_reason(fresh_process_warnings):
+    with pytest.warns(gb.HostFallbackWarning, match="found no usable GPU") as rec:
+        m = gb.BufferManager("auto")
+    with m:
         assert m.backend.name == "host"
         assert m.backend.reason.startswith("auto: ")
         assert NO_GPU in m.backend.reason
+    assert len(rec) == 1 and NO_GPU in str(rec[0].message)
+    assert "not GPU figures" in str(rec[0].message)
+    assert rec[0].filename == __file__          # points at the caller, not the library
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        with gb.BufferManager("auto") as m2:     # once per process
+            assert m2.backend.name == "host"
+    assert not [w for w in again if issubclass(w.category, gb.HostFallbackWarning)]
 
 
 @pytest.mark.skipif(NO_GPU is None, reason="a GPU is present")
@@ -74,7 +93,7 @@ def test_public_names_are_pinned():
     assert sorted(gb.__all__) == sorted([
         "PAGE_SIZE", "SHRINK_EMPTY", "SHRINK_STOP", "Buffer", "BufferBusyError",
         "BufferFreedError", "BufferManager", "BufferPurgedError", "ClosedError", "CopyError",
-        "FileStore", "ForkedError", "GpuBackupError", "InvalidHandleError", "NoDeviceError",
+        "FileStore", "ForkedError", "GpuBackupError", "HostFallbackWarning", "InvalidHandleError", "NoDeviceError",
         "OutOfDeviceMemory", "PageStore", "Residency", "ShmemStore", "Shrinker", "Staging",
         "StoreFullError", "TieredStore", "__version__"])
     for name in gb.__all__:

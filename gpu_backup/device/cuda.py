@@ -9,10 +9,22 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import NoDeviceError, OutOfDeviceMemory
+from ..errors import NoDeviceError
+from .oom import is_device_oom
 from .protocol import DeviceOOM
 
-__all__ = ["CudaBackend", "probe"]
+__all__ = ["CudaBackend", "check_stream_device", "probe"]
+
+
+def check_stream_device(stream: Any, device_id: int) -> Any:
+    """``stream`` if it may order work on GPU ``device_id``: a CuPy stream made on another
+    GPU cannot (its ``device_id``; -1 for the null and per-thread default streams, which
+    belong to whichever device is current).  A buffer never crosses devices."""
+    dev = getattr(stream, "device_id", -1)
+    if isinstance(dev, int) and dev >= 0 and dev != device_id:
+        raise ValueError(f"stream {stream!r} belongs to GPU {dev}; this manager's buffers live "
+                         f"on GPU {device_id}: use a stream made on GPU {device_id}")
+    return stream
 
 
 def probe(device_id: int | None) -> tuple[Any, int, str]:
@@ -64,9 +76,13 @@ class CudaBackend:
         with self.activate():
             try:
                 mem = self._cp.cuda.alloc(nbytes)
-            except (self._cp.cuda.memory.OutOfMemoryError, OutOfDeviceMemory) as e:
-                # OutOfDeviceMemory: the cupy_allocator() hook already tried to reclaim
-                raise DeviceOOM(str(e)) from e
+            except Exception as e:
+                # Any allocator's form (CuPy's pool, a raw or async allocator's
+                # CUDARuntimeError(2), RMM's MemoryError; OutOfDeviceMemory when the
+                # cupy_allocator() hook already tried to reclaim)
+                if is_device_oom(e):
+                    raise DeviceOOM(f"GPU {self.device_id}: {type(e).__name__}: {e}") from e
+                raise
             # The pool hands out a block freed on the current stream at once, relying on
             # stream order; work still queued there may touch it.  Our copies run on the
             # copy stream, so order it after the current stream.
@@ -123,7 +139,7 @@ class CudaBackend:
 
     def user_stream(self, stream: Any | None) -> Any:
         if stream is not None:
-            return stream
+            return check_stream_device(stream, self.device_id)
         with self.activate():
             return self._cp.cuda.get_current_stream()
 

@@ -128,16 +128,23 @@ class ImmediateStream:
 
 class HostBackend:
     """Device memory in host RAM.  ``capacity`` emulates the device's size (default: a
-    quarter of host RAM); allocations past it fail as a device OOM would."""
+    quarter of host RAM); allocations past it fail as a device OOM would.  ``device_id``
+    is the GPU number it stands for: managers on 0 and 1 emulate two devices, each with
+    its own memory, streams and staging."""
 
     name = "host"
-    device_id = 0
 
-    def __init__(self, reason: str = "requested", capacity: int | None = None) -> None:
+    def __init__(self, reason: str = "requested", capacity: int | None = None,
+                 device_id: int = 0) -> None:
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+            raise ValueError(f"{device_id=} must be an int >= 0")
         self.reason = reason
+        self.device_id = device_id
         total = host_memory.read()["total"]
         self.capacity = int(capacity) if capacity is not None else total // 4
         self.device_name = "host (device memory emulated in RAM)"
+        if device_id:
+            self.device_name = f"host device {device_id} (device memory emulated in RAM)"
         self._used = 0
         # Reentrant: an allocation's finalizer (_release) may run from garbage collection
         # on a thread inside alloc().
