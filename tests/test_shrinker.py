@@ -315,7 +315,7 @@ def test_cupy_allocator_hook_reclaims_and_restores(mgr):
             assert hooked(600) == ("block", 600)      # OOM -> reclaim -> retry
             assert cache.calls
             with pytest.raises(gb.OutOfDeviceMemory, match=r"Out of memory allocating 5,000 bytes "
-                               r"\(allocated so far: 0 bytes\)\. gpu_backup reclaimed 600 B"):
+                               r"\(allocated so far: 0 bytes\): gpu_backup reclaimed 600 B"):
                 hooked(5000)
         assert cupy.cuda.get_allocator() == fake.malloc   # put back
         s = mgr.stats()

@@ -142,8 +142,9 @@ class CupyAllocatorHook:
                 return
             if _state["active"] is d:
                 _state["active"] = None
-            if self._cp.cuda.get_allocator() is d:
-                _set_global_allocator(self._cp, d.base)
+            cp = self._cp
+            if _off_using_allocator(cp, cp.cuda.get_allocator) is d:
+                _off_using_allocator(cp, lambda: cp.cuda.set_allocator(d.base))
             else:
                 log.warning("the CuPy allocator was replaced while gpu_backup's hook was "
                             "installed; the replacement stays (gpu_backup's dispatcher, if it "
@@ -255,24 +256,26 @@ def _shrink(mgr: BufferManager, nbytes: int) -> int:
         return 0
 
 
-def _set_global_allocator(cp: Any, allocator: Callable[[int], Any]) -> None:
-    """``cupy.cuda.set_allocator``, also from a thread inside ``using_allocator`` (where
-    CuPy refuses it): the global allocator is then set from a short-lived thread."""
-    try:
-        cp.cuda.set_allocator(allocator)
-        return
-    except ValueError:
-        pass
+def _off_using_allocator(cp: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()`` where CuPy's *global* allocator is what ``get_allocator`` sees and
+    ``set_allocator`` may change: this thread, or, when this thread is inside
+    ``using_allocator`` (which hides the global one and refuses to change it), a
+    short-lived thread."""
+    local = getattr(cp.cuda.memory, "_get_thread_local_allocator", lambda: None)()
+    if local is None:
+        return fn()
+    result: list[Any] = []
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            cp.cuda.set_allocator(allocator)
-        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
             errors.append(e)
 
-    t = threading.Thread(target=run, name="gpu_backup-set-allocator")
+    t = threading.Thread(target=run, name="gpu_backup-global-allocator")
     t.start()
     t.join()
     if errors:
         raise errors[0]
+    return result[0]

@@ -76,7 +76,7 @@ def cupy_oom_class() -> type:
             OutOfMemoryError.__init__(self, size, total, limit)
             self.why = why
             if why:
-                self.args = (f"{self.args[0]} {why}",)
+                self.args = (f"{str(self.args[0]).rstrip('.')}: {why}",)
 
         def __reduce__(self) -> tuple[Any, ...]:
             return (type(self), (self._size, self._total, self._limit, self.why))
