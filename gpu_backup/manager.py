@@ -238,9 +238,12 @@ class BufferManager:
         self._reclaimer.unregister(shrinker)
 
     def cupy_allocator(self) -> contextlib.AbstractContextManager[None]:
-        """Route every CuPy allocation in the program through a wrapper that, on
-        out-of-memory, frees the pool's cached blocks, runs the shrinkers and retries.
-        The allocator it replaced is put back on exit::
+        """Route every CuPy allocation in the program through a hook that, on out-of-memory
+        on this manager's GPU (any allocator's form), runs the shrinkers and retries; then
+        raises an error that is also ``cupy.cuda.memory.OutOfMemoryError``.  Hooks of
+        several managers nest in any order; the allocator they replaced is back when the
+        last one exits.  A thread inside ``cupy.cuda.using_allocator`` bypasses it (see
+        :mod:`gpu_backup.device.cupy_hook`)::
 
             with mgr.cupy_allocator():
                 x = cupy.empty(big)   # idle buffers give way if the GPU is full
