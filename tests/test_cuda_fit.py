@@ -637,3 +637,24 @@ def test_kernel_build_check_without_cupy():
                          timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
     assert "ok=False" in out.stdout and "CuPy is not installed" in out.stdout
+
+
+def test_kernel_build_check_says_why_without_the_headers():
+    """A machine with only the driver: CuPy's own lookup (through cuda.pathfinder) finds no
+    runtime headers, CuPy refuses to compile, and the check says so and what to install."""
+    _cupy()
+    import subprocess
+
+    code = ("import cuda.pathfinder as pf\n"
+            "pf.find_nvidia_header_directory = lambda name: None\n"
+            "from gpu_backup.kernels import kernel_build_check\n"
+            "c = kernel_build_check()\n"
+            "print(c.ok)\n"
+            "print(c.why)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    ok, why = out.stdout.split("\n", 1)
+    assert ok == "False"
+    assert "CuPy cannot find the CUDA runtime headers (Failed to find CUDA headers" in why
+    assert "install gpu-backup[cuda13]" in why

@@ -50,16 +50,23 @@ _MAX_ROUNDS = 16
 
 
 class _Dispatcher:
-    """The allocator installed in CuPy: calls ``hooks`` (last outermost) around ``base``.
-    With no hooks left it is a plain pass-through to ``base``."""
+    """The allocator installed in CuPy: ``base``, with ``hooks`` (last outermost) taking
+    its errors.  With no hooks left it is a plain pass-through to ``base``.  The fast path
+    is one call to ``base``: the hooks only act on an error."""
 
     def __init__(self, base: Callable[[int], Any]) -> None:
         self.base = base
         self.hooks: tuple[CupyAllocatorHook, ...] = ()
 
     def __call__(self, nbytes: int) -> Any:
-        hooks = self.hooks      # one snapshot: a hook leaving meanwhile finishes this call
-        return _call(hooks, len(hooks) - 1, self.base, nbytes)
+        base = self.base
+        try:
+            return base(nbytes)
+        except Exception as e:
+            hooks = self.hooks   # one snapshot: a hook leaving meanwhile finishes this call
+            if not hooks:
+                raise
+            return _handle(hooks, len(hooks) - 1, base, nbytes, e)
 
     def __repr__(self) -> str:
         return f"<gpu_backup allocator dispatcher: {len(self.hooks)} hook(s) around {self.base!r}>"
@@ -69,11 +76,28 @@ _state: dict[str, _Dispatcher | None] = {"active": None}
 """The dispatcher that new hooks join (CuPy's allocator state is process-global too)."""
 
 
-def _call(hooks: tuple[CupyAllocatorHook, ...], i: int, base: Callable[[int], Any],
+def _call(hooks: tuple[CupyAllocatorHook, ...], top: int, base: Callable[[int], Any],
           nbytes: int) -> Any:
-    if i < 0:
+    """``base`` as ``hooks[0..top]`` make it: what hook ``top + 1`` retries through."""
+    try:
         return base(nbytes)
-    return hooks[i]._malloc(nbytes, hooks, i, base)
+    except Exception as e:
+        if top < 0:
+            raise
+        return _handle(hooks, top, base, nbytes, e)
+
+
+def _handle(hooks: tuple[CupyAllocatorHook, ...], top: int, base: Callable[[int], Any],
+            nbytes: int, error: Exception) -> Any:
+    """``error`` came out of ``base``: ``hooks[0..top]`` take it in turn, innermost first,
+    as nested wrappers would; each recovers (retrying through the hooks inside it) or
+    passes an error outwards."""
+    for j in range(top):
+        try:
+            return hooks[j]._on_error(nbytes, error, hooks, j, base)
+        except Exception as e:
+            error = e
+    return hooks[top]._on_error(nbytes, error, hooks, top, base)
 
 
 class CupyAllocatorHook:
@@ -159,20 +183,18 @@ class CupyAllocatorHook:
             self.uninstall()
 
     # ------------------------------------------------------------ allocation
-    def _malloc(self, nbytes: int, hooks: tuple[CupyAllocatorHook, ...], i: int,
-                base: Callable[[int], Any]) -> Any:
-        try:
-            return _call(hooks, i - 1, base, nbytes)
-        except Exception as e:
-            if not is_device_oom(e):
-                raise
-            mgr = self._mgr()
-            if mgr is None or mgr.closed:
-                raise
-            if not self._is_my_device(mgr):
-                self._count("oom_other_device", 1)
-                raise
-            return self._recover(mgr, nbytes, e, lambda: _call(hooks, i - 1, base, nbytes), base)
+    def _on_error(self, nbytes: int, error: Exception, hooks: tuple[CupyAllocatorHook, ...],
+                  j: int, base: Callable[[int], Any]) -> Any:
+        """An allocation of ``nbytes`` failed with ``error``: recover or raise."""
+        if not is_device_oom(error):
+            raise error
+        mgr = self._mgr()
+        if mgr is None or mgr.closed:
+            raise error
+        if not self._is_my_device(mgr):
+            self._count("oom_other_device", 1)
+            raise error
+        return self._recover(mgr, nbytes, error, lambda: _call(hooks, j - 1, base, nbytes), base)
 
     def _recover(self, mgr: BufferManager, nbytes: int, first: BaseException,
                  retry: Callable[[], Any], base: Callable[[int], Any]) -> Any:
