@@ -260,6 +260,9 @@ def write_json(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json.tmp", dir=d)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)        # as open() would have made it, not 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
