@@ -140,7 +140,7 @@ def _short_note(r: dict[str, Any]) -> str:
     if s in ("evict_first", "restore_first"):
         return "first cycle, new manager"
     note = r.get("note", "")
-    return "" if note in ("default store; warm store", "one pinned buffer, one copy") else note
+    return "" if note in ("default store", "one pinned buffer, one copy") else note
 
 
 def _bounds_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -434,9 +434,9 @@ def _run_size(run: _Run, size: int, *, with_torch: bool) -> None:
 
     def evict_restore_step() -> list[dict[str, Any]]:
         er = sc.evict_restore_times(mgr, data, rep)
-        warm = "warm store" if er.all_warm else "store NOT warm for every repeat"
         ev = rec("evict", size, er.evict, link_gbps=link.get("d2h"), direction="d2h",
-                 repeats=rep, note=f"default store; {warm}", store_warm=er.all_warm)
+                 repeats=rep, store_warm=er.all_warm,
+                 note="default store" + ("" if er.all_warm else ", NOT warm every repeat"))
         rs = rec("restore", size, er.restore, link_gbps=link.get("h2d"), direction="h2d",
                  repeats=rep, note="access('rw') of an evicted buffer")
         _bound(run, ev, "evict", link)
