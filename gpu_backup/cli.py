@@ -258,10 +258,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _limits_text(lim: dict[str, Any]) -> str:
     return (f"into warm memfd pages {lim['write_1']:.3g} GB/s on 1 thread, "
             f"{lim['write_n']:.3g} on {lim['threads']} (the staging threads), "
-            f"{lim['write_cpus']:.3g} on {lim['cpus']}; out of memfd {lim['read_n']:.3g} on "
-            f"{lim['threads']}; first touch of fresh memfd pages {lim['first_touch']:.3g} GB/s "
-            f"({fmt_size(lim['bytes'])} per copy). Evict and restore run at most at the "
-            f"slower of these and the link")
+            f"{lim['write_cpus']:.3g} on {lim['cpus']} CPUs; out of memfd {lim['read_n']:.3g} "
+            f"on {lim['threads']}; first touch of fresh memfd pages {lim['first_touch']:.3g} "
+            f"GB/s ({fmt_size(lim['bytes'])} per copy, a quick probe: a CPU cache that large "
+            f"flatters it; gpu-backup bench measures with more). Evict and restore run at "
+            f"most at the slower of these and the link")
 
 
 # -------------------------------------------------------------------- bench

@@ -331,7 +331,11 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None,
         run.update()
         if cfg.host_limits:
             def limits() -> list[dict[str, Any]]:
-                doc["host_limits"] = hostlimits.measure(hostlimits.BENCH_BYTES)
+                # 4x the largest size, from 32M (small runs stay quick) to 256M (past CPU
+                # caches); four buffers of it at once, well inside free memory
+                nbytes = min(hostlimits.BENCH_BYTES, max(32 << 20, 4 * max(sizes)),
+                             max(1 << 20, _usable_host() // 16))
+                doc["host_limits"] = hostlimits.measure(nbytes)
                 return []
             run.guarded("host_limits", None, limits, needs_check=False)
         for size in sizes:
