@@ -1,4 +1,4 @@
-"""Helpers of ``benchmarks/gpu_check.sh``: which machine this is, and the summary.
+"""What ``benchmarks/gpu_check.sh`` needs from Python: which machine this is, and the summary.
 
 ``python -m gpu_backup.bench.gpucheck probe`` prints ``<mode> <slug> <device name>``
 (mode ``gpu`` or ``host``; slug as ``benchmarks/results/README.md`` names files).
