@@ -1,7 +1,8 @@
 """The ``gpu-backup`` command: ``info``, ``bench`` and ``demo``.
 
-Exit status: 0 success; 1 a failure (bytes did not verify, no usable device);
-2 bad input (argparse's convention), with a message that states the numbers.
+Exit status: 0 success; 1 a failure (bytes did not verify, a bench step failed, no usable
+device); 2 bad input (argparse's convention), with a message that states the numbers;
+130 interrupted.
 rich (tables, progress) and matplotlib (the plot) are imported only when a command
 needs them.
 """
@@ -79,6 +80,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"{x} must be >= 0 seconds")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpu-backup",
@@ -90,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="the backend chosen and why, device, staging, store, host memory")
     info.add_argument("--device", type=_device, default="auto", help=dev_help)
     info.add_argument("--json", action="store_true", help="print the information as JSON")
+    info.add_argument("--no-host-limits", dest="host_limits", action="store_false",
+                      help="skip measuring the host-side copy limits (about 0.3 s)")
 
     bench = sub.add_parser(
         "bench", help="evict/restore throughput beside the link and the alternatives",
@@ -104,12 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "that do not fit in memory; a size given here that does not fit "
                             "is an error)")
     bench.add_argument("--repeat", type=_positive, default=None, metavar="N",
-                       help="timed repeats per scenario (default 5, --quick 3; sizes up to "
-                            "1M run 10x as many: one operation there takes microseconds)")
+                       help="least timed repeats per scenario (default 5, --quick 3; sizes up "
+                            "to 1M run 10x as many: one operation there takes microseconds); "
+                            "up to 4x as many run while the median is not stable")
+    bench.add_argument("--budget", type=_seconds, default=None, metavar="SECONDS",
+                       help="time a row may spend on repeats beyond the least number "
+                            "(default 2, --quick 0.5; 0: exactly --repeat)")
+    bench.add_argument("--no-host-limits", dest="host_limits", action="store_false",
+                       help="skip measuring the host-side copy limits")
     bench.add_argument("--touches", type=_positive, default=None, metavar="N",
                        help="timed touches in the oversubscribe scenario (default 32, --quick 16)")
     bench.add_argument("--json", dest="json_path", default="bench-results.json", metavar="PATH",
-                       help="where to write the results (default: bench-results.json)")
+                       help="where to write the results, rewritten after every step "
+                            "(default: bench-results.json); '-': to stdout at the end, and "
+                            "the table goes to stderr")
     bench.add_argument("--plot", dest="plot_path", default="bench-results.png", metavar="PATH",
                        help="where to write the plot (default: bench-results.png)")
 
@@ -154,17 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # pragma: no cover - parser.exit raises
 
 
-def _console() -> Any:
+def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     # Piped output (tests, logs) gets a wide fixed width so tables do not wrap.
-    return Console() if sys.stdout.isatty() else Console(width=120)
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr) if tty else Console(stderr=stderr, width=140)
 
 
 # --------------------------------------------------------------------- info
-def collect_info(device: Any) -> dict[str, Any]:
+def collect_info(device: Any, host_limits: bool = True) -> dict[str, Any]:
     """What ``gpu-backup info`` reports, as a JSON-ready dict (None where unavailable).
-    ``kernels``: whether CuPy can compile this library's kernels here, and why not."""
+    ``kernels``: whether CuPy can compile this library's kernels here, and why not;
+    ``host_limits``: the host side's own copy limits, measured now (unless turned off)."""
+    from .bench import hostlimits
     from .kernels import kernel_build_check
     from .manager import BufferManager
 
@@ -194,6 +218,8 @@ def collect_info(device: Any) -> dict[str, Any]:
                       "host_reserve": getattr(store, "host_reserve", None)},
             "host_memory": host_memory.read(fresh=True),
         }
+    if host_limits:
+        info["host_limits"] = hostlimits.measure(hostlimits.QUICK_BYTES)
     if info["backend"] == "host":
         info["note"] = ("host backend: device memory is emulated in host RAM (a quarter of it "
                         "by default); figures measured on it are not GPU figures")
@@ -201,7 +227,7 @@ def collect_info(device: Any) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = collect_info(args.device)
+    info = collect_info(args.device, args.host_limits)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -232,6 +258,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("host memory", f"{fmt_bytes(hm['available'])} available of {fmt_bytes(hm['total'])}"),
         ("swap", f"{fmt_bytes(hm['swap_free'])} free of {fmt_bytes(hm['swap_total'])}"),
     ]
+    lim = info.get("host_limits")
+    if lim:
+        rows.append(("host copy limits", _limits_text(lim)))
     for k, v in rows:
         t.add_row(k, escape(str(v)))
     console = _console()
@@ -246,6 +275,16 @@ def _kernels_text(k: dict[str, Any]) -> str:
         return f"cannot compile here: {k['why']}"
     where = f"; CUDA headers from {k['headers_from']}: {k['headers']}" if k["headers"] else ""
     return f"can compile (NVRTC {k['nvrtc']}{where})"
+
+
+def _limits_text(lim: dict[str, Any]) -> str:
+    return (f"into warm memfd pages {lim['write_1']:.3g} GB/s on 1 thread, "
+            f"{lim['write_n']:.3g} on {lim['threads']} (the staging threads), "
+            f"{lim['write_cpus']:.3g} on {lim['cpus']} CPUs; out of memfd {lim['read_n']:.3g} "
+            f"on {lim['threads']}; first touch of fresh memfd pages {lim['first_touch']:.3g} "
+            f"GB/s ({fmt_size(lim['bytes'])} per copy, a quick probe: a CPU cache that large "
+            f"flatters it; gpu-backup bench measures with more). Evict and restore run at "
+            f"most at the slower of these and the link")
 
 
 # -------------------------------------------------------------------- bench
@@ -279,7 +318,12 @@ class _RichProgress:
         self.bar.update(self.task, description=description)
 
 
-def _check_writable(path: str, what: str) -> None:
+def _check_output(path: str, what: str) -> None:
+    """An output path must be a file in an existing, writable directory: checked before
+    any work is done."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a directory: give a file path, e.g. "
+                         f"{os.path.join(path, 'bench-results')}.{what.lstrip('-')[:4]}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{what} {path!r}: directory {parent!r} does not exist")
@@ -287,28 +331,70 @@ def _check_writable(path: str, what: str) -> None:
         raise UsageError(f"{what} {path!r}: directory {parent!r} is not writable")
 
 
+def _write_outputs(doc: dict[str, Any], args: argparse.Namespace, console: Any) -> list[str]:
+    """Write the JSON (unless it goes to stdout) and the plot; returns what went wrong."""
+    from rich.markup import escape
+
+    from .bench import plot, write_json
+
+    errors = []
+    if args.json_path != "-":
+        try:
+            write_json(doc, args.json_path)
+        except Exception as e:  # noqa: BLE001 - still try the plot
+            errors.append(f"writing {args.json_path}: {type(e).__name__}: {e}")
+    try:
+        plot(doc, args.plot_path)
+    except Exception as e:  # noqa: BLE001 - the JSON is there; say what failed
+        errors.append(f"drawing {args.plot_path}: {type(e).__name__}: {e}")
+    for e in errors:
+        console.print(f"[bold red]{escape(e)}[/bold red]")
+    return errors
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from .bench import BenchConfig, VerifyError, plot, print_report, run_bench, write_json
+    from .bench import BenchConfig, print_report, run_bench, to_json, write_json
 
-    _check_writable(args.json_path, "--json")
-    _check_writable(args.plot_path, "--plot")
+    to_stdout = args.json_path == "-"
+    if not to_stdout:
+        _check_output(args.json_path, "--json")
+    _check_output(args.plot_path, "--plot")
     cfg = BenchConfig(device=args.device, sizes=tuple(args.sizes) if args.sizes else None,
-                      repeat=args.repeat, quick=args.quick, touches=args.touches)
-    console = _console()
+                      repeat=args.repeat, quick=args.quick, touches=args.touches,
+                      budget_s=args.budget, host_limits=args.host_limits)
+    console = _console(stderr=to_stdout)
     progress = _RichProgress(console)
+    last: dict[str, Any] = {}
+
+    def on_update(doc: dict[str, Any]) -> None:
+        last["doc"] = doc
+        if not to_stdout:
+            write_json(doc, args.json_path)
+
     try:
         with progress.bar:
-            doc = run_bench(cfg, progress)
-    except VerifyError as e:
-        console.print(f"[bold red]VERIFICATION FAILED: {escape(str(e))}[/bold red]")
-        return 1
+            doc = run_bench(cfg, progress, on_update)
+    except KeyboardInterrupt:
+        if "doc" in last:       # keep what finished
+            last["doc"]["interrupted"] = True
+            _write_outputs(last["doc"], args, console)
+            if to_stdout:
+                sys.stdout.write(to_json(last["doc"]))
+        raise
     print_report(doc, console)
-    write_json(doc, args.json_path)
-    plot(doc, args.plot_path)
-    console.print(f"wrote {escape(args.json_path)} and {escape(args.plot_path)}")
-    return 0
+    for f in doc["failures"]:
+        if f["error_type"] == "VerifyError":
+            console.print(f"[bold red]VERIFICATION FAILED: {escape(f['message'])}[/bold red]")
+    errors = _write_outputs(doc, args, console)
+    if to_stdout:
+        sys.stdout.write(to_json(doc))
+        sys.stdout.flush()
+        console.print(f"wrote the JSON to stdout and {escape(args.plot_path)}")
+    else:
+        console.print(f"wrote {escape(args.json_path)} and {escape(args.plot_path)}")
+    return 1 if doc["failures"] or errors else 0
 
 
 # --------------------------------------------------------------------- demo

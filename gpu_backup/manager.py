@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._os import host_memory
 from ._runs import runs_of
 from .buffer import PURGED_PAGE, ZERO_PAGE, Buffer, _Pages
 from .device import open_backend
@@ -25,7 +26,7 @@ from .errors import (
     OutOfDeviceMemory,
 )
 from .kernels import PageScanner, scan_default
-from .shrinker import CupyAllocatorHook, LruShrinker, Reclaimer, Shrinker
+from .shrinker import CupyAllocatorHook, LruShrinker, Reclaimer, Shrinker, _is_clean
 from .staging import Staging, StagingRing
 from .store import PAGE_SIZE, ShmemStore
 from .store._base import check_page_size
@@ -209,14 +210,32 @@ class BufferManager:
             raise
 
     def _oom(self, nbytes: int, why: str) -> OutOfDeviceMemory:
-        pinned = sum(b.device_bytes for b in self.buffers() if b.pinned)
+        bufs = self.buffers()
+        pinned = sum(b.device_bytes for b in bufs if b.pinned)
         reclaimable = max(0, self._lru_shrinker.count())
         free, total = self.backend.mem_info()
+        numbers = (f"pinned in access() {pinned:,} B, held {self._device_bytes:,} B, limit "
+                   f"{_fmt_limit(self.device_limit)}, device free {free:,} of {total:,} B")
+        # Buffers reclaim could free only by copying them out: if the store cannot take
+        # even the smallest, the host side is the cause, not the device.
+        copies = [b.device_bytes for b in bufs
+                  if b.device_bytes and not b.pinned and not b.purgeable and not _is_clean(b)]
+        avail = self.store.bytes_avail()
+        if copies and avail < min(copies):
+            host = host_memory.read(fresh=True)
+            skipped = self._lru_shrinker.stats.get("skipped_host_full", 0)
+            return OutOfDeviceMemory(
+                f"cannot allocate {nbytes:,} B on {self.backend.name}: {why}; the store cannot "
+                f"take the evictions that would free device memory: {len(copies)} idle "
+                f"buffer(s) hold {sum(copies):,} B that need a copy (smallest {min(copies):,} B) "
+                f"but the store ({getattr(self.store, 'kind', type(self.store).__name__)}) has "
+                f"bytes_avail {avail:,} B of capacity {self.store.capacity:,} B (used "
+                f"{self.store.bytes_used:,} B); host MemAvailable {host['available']:,} B, "
+                f"swap free {host['swap_free']:,} B; reclaim skipped {skipped:,} buffer(s) "
+                f"for a full host so far; asked {nbytes:,} B, {numbers}")
         return OutOfDeviceMemory(
             f"cannot allocate {nbytes:,} B on {self.backend.name}: {why}; asked {nbytes:,} B, "
-            f"reclaimable {reclaimable:,} B, pinned in access() {pinned:,} B, held "
-            f"{self._device_bytes:,} B, limit {_fmt_limit(self.device_limit)}, "
-            f"device free {free:,} of {total:,} B")
+            f"reclaimable {reclaimable:,} B, {numbers}")
 
     # ----------------------------------------------------------------- reclaim
     def shrink(self, nbytes: int) -> int:

@@ -107,8 +107,8 @@ def bench_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     jpath, ppath = d / "r.json", d / "r.png"
     rc, out, err = run_main(["bench", "--quick", "--device", "host", "--sizes", "64K,1M",
-                             "--repeat", "2", "--touches", "8", "--json", str(jpath),
-                             "--plot", str(ppath)])
+                             "--repeat", "2", "--budget", "0", "--touches", "8",
+                             "--json", str(jpath), "--plot", str(ppath)])
     return rc, out, err, jpath, ppath
 
 
@@ -116,8 +116,10 @@ def test_bench_runs_and_labels_host(bench_run):
     rc, out, err, jpath, ppath = bench_run
     assert rc == 0, err
     assert "HOST BACKEND" in out and "NOT GPU FIGURES" in out
-    for scenario in ("link_d2h", "evict", "restore", "page_at_a_time", "pageable", "oversubscribe"):
+    for scenario in ("link_d2h", "evict", "restore", "evict_first", "restore_first",
+                     "page_at_a_time", "pageable", "oversubscribe"):
         assert scenario in out
+    assert "host-side limits" in out and "what bounds each operation" in out
     assert jpath.exists() and ppath.exists()
 
 
@@ -137,25 +139,50 @@ def test_bench_json_schema(bench_run):
     assert cfg["page_size"] == PS and cfg["sizes"] == list(SIZES)
     assert cfg["staging"]["slots"] >= 1 and cfg["staging"]["slot_bytes"] > 0
 
+    assert cfg["store"] == "BufferManager's own default store"
+    assert doc["failures"] == []
+
     want = {"link_d2h", "link_h2d", "evict", "restore", "evict_restore", "evict_clean",
-            "evict_zero", "evict_cold", "page_at_a_time", "pageable"}
+            "evict_zero", "evict_first", "restore_first", "page_at_a_time", "pageable"}
     for size in SIZES:
         got = {r["scenario"] for r in doc["results"] if r["size_bytes"] == size}
         assert want <= got, (size, want - got)
         assert ("oversubscribe" in got) == (size >= 1 << 20)
+    # one set of names: every row's scenario is one its step declares
+    declared = {s for names in doc["steps"].values() for s in names}
+    assert {r["scenario"] for r in doc["results"]} <= declared
+    effective = {"evict_clean", "evict_zero", "oversubscribe"}
     for r in doc["results"]:
-        assert {"scenario", "size_bytes", "gbps", "ratio_to_link", "p50_us", "repeats"} <= set(r)
+        assert {"scenario", "kind", "size_bytes", "gbps", "ratio_to_link", "effective_ratio",
+                "min_us", "p50_us", "max_us", "iqr_us", "spread", "repeats"} <= set(r)
         assert r["gbps"] > 0 and r["p50_us"] > 0 and r["repeats"] >= 1
-        assert r["ratio_to_link"] > 0 and math.isfinite(r["ratio_to_link"])
+        if r["scenario"] in effective:     # never reported against the link
+            assert r["kind"] == "effective" and r["ratio_to_link"] is None
+            assert r["effective_ratio"] > 0 and math.isfinite(r["effective_ratio"])
+        else:
+            assert r["kind"] == "copy" and r["effective_ratio"] is None
+            assert r["ratio_to_link"] > 0 and math.isfinite(r["ratio_to_link"])
+        if r["scenario"] != "oversubscribe":
+            assert r["min_us"] <= r["p50_us"] <= r["max_us"]
+            assert r["gbps_min"] <= r["gbps"] <= r["gbps_max"]
+            assert (r["iqr_us"] is None) == (r["repeats"] < 5)
+    assert doc["host_limits"]["write_n"] > 0 and doc["host_limits"]["first_touch"] > 0
+    ev = [r for r in doc["results"] if r["scenario"] == "evict"]
+    for r in ev:    # the bound is the slower of the link and the host copy, this run
+        assert r["bound_gbps"] == min(r["link_gbps"], doc["host_limits"]["write_n"])
+        assert r["bound_by"] == ("host" if doc["host_limits"]["write_n"] < r["link_gbps"]
+                                 else "link")
     clean = [r for r in doc["results"] if r["scenario"] == "evict_clean"]
     assert all("no copy" in r["note"] for r in clean)
 
     zero = [r for r in doc["results"] if r["scenario"] == "evict_zero"]
     assert all("nothing copied" in r["note"] for r in zero)
 
-    skipped = {s["scenario"]: s["reason"] for s in doc["skipped"]}
+    skipped = {s["step"]: s["reason"] for s in doc["skipped"]}
     assert "evict_zero" not in skipped
     assert "torch" in skipped     # host backend: never a torch record
+    assert "uvm" in skipped and "CUDA GPU" in skipped["uvm"]
+    assert not any(r["scenario"].startswith("uvm") for r in doc["results"])
     assert not any(r["scenario"].startswith("torch") for r in doc["results"])
 
 
@@ -169,12 +196,13 @@ def test_bench_ratios_use_this_runs_link(bench_run):
         if r["scenario"] == "oversubscribe":
             ideal = r["misses"] * s * (1 / d2h + 1 / h2d) / 1e9
             assert r["ideal_seconds"] == pytest.approx(ideal, rel=1e-9)
-            assert r["ratio_to_link"] == pytest.approx(ideal / r["seconds"], rel=1e-9)
+            assert r["effective_ratio"] == pytest.approx(ideal / r["seconds"], rel=1e-9)
             assert r["gbps"] == pytest.approx(r["touches"] * s / r["seconds"] / 1e9, rel=1e-9)
             continue
         expected = {"d2h": d2h, "h2d": h2d, "roundtrip": 1 / (1 / d2h + 1 / h2d)}[r["direction"]]
         assert r["link_gbps"] == pytest.approx(expected, rel=1e-12), r["scenario"]
-        assert r["ratio_to_link"] == pytest.approx(r["gbps"] / expected, rel=1e-9), r["scenario"]
+        ratio = r["ratio_to_link"] if r["kind"] == "copy" else r["effective_ratio"]
+        assert ratio == pytest.approx(r["gbps"] / expected, rel=1e-9), r["scenario"]
 
 
 def test_bench_summary_from_numbers(bench_run):
@@ -196,7 +224,8 @@ def test_bench_summary_from_numbers(bench_run):
     assert rt["value"] == by[("evict_restore", 64 << 10)]["p50_us"]
     assert rt["met"] == (rt["value"] <= 100)
     # the same computation with the document's own results gives the same verdict
-    assert summarize(doc["results"], "host") == summary
+    assert summarize(doc["results"], "host", doc["failures"]) == summary
+    assert summary["failed_steps"] == 0
 
 
 def test_summarize_goals_follow_the_numbers():
@@ -236,6 +265,8 @@ def test_bench_plot_is_a_png(bench_run):
     (["--sizes", "4T"], "too large for this machine"),
     (["--repeat", "0"], "must be >= 1"),
     (["--sizes", "1M", "--json", "/nonexistent-dir/x.json"], "does not exist"),
+    (["--sizes", "1M", "--json", "/tmp"], "'/tmp' is a directory"),
+    (["--sizes", "1M", "--plot", "/tmp"], "'/tmp' is a directory"),
 ])
 def test_bench_bad_input_is_a_clear_error(argv, message):
     rc, _, err = run_main(["bench", "--device", "host", *argv])
@@ -251,9 +282,20 @@ def test_bench_fails_loudly_on_wrong_bytes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(scenarios, "write_device", corrupt)
     rc, out, _ = run_main(["bench", "--device", "host", "--sizes", "64K", "--repeat", "1",
+                           "--budget", "0", "--no-host-limits",
                            "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
     assert rc == 1 and "VERIFICATION FAILED" in out and "offset 1" in out
-    assert not (tmp_path / "r.json").exists()
+    # every step that writes through the manager failed and says so; the raw copies ran
+    doc = _strict_json(tmp_path / "r.json")
+    failed = {f["step"]: f for f in doc["failures"]}
+    assert set(failed) == {"evict_restore", "first", "evict_zero"}
+    assert all(f["error_type"] == "VerifyError" for f in failed.values())
+    assert "offset 1" in failed["evict_restore"]["message"]
+    assert "copied for an all-zero buffer" in failed["evict_zero"]["message"]
+    assert {r["scenario"] for r in doc["results"]} == {"link_d2h", "link_h2d",
+                                                       "page_at_a_time", "pageable"}
+    assert doc["summary"]["failed_steps"] == 3
+    assert (tmp_path / "r.png").read_bytes()[:8] == PNG_MAGIC
 
 
 # ------------------------------------------------------------------ demo
@@ -387,11 +429,16 @@ def gpu():
 def test_bench_quick_on_cuda(gpu, tmp_path):
     jpath, ppath = tmp_path / "r.json", tmp_path / "r.png"
     rc, out, err = run_main(["bench", "--device", "cuda", "--sizes", "64K,1M", "--repeat", "2",
-                             "--touches", "8", "--json", str(jpath), "--plot", str(ppath)])
+                             "--budget", "0", "--touches", "8", "--json", str(jpath),
+                             "--plot", str(ppath)])
     assert rc == 0, out + err
     doc = _strict_json(jpath)
     assert doc["backend"] == "cuda" and doc["device"] != "host" and "host_backend_note" not in doc
     assert all(r["gbps"] > 0 for r in doc["results"])
+    assert doc["failures"] == [], doc["failures"]
+    names = {r["scenario"] for r in doc["results"]}
+    uvm_skip = [s for s in doc["skipped"] if s["step"] == "uvm"]
+    assert {"uvm_evict", "uvm_restore"} <= names or uvm_skip, "uvm neither ran nor was skipped"
     assert "HOST BACKEND" not in out
     assert ppath.read_bytes()[:8] == PNG_MAGIC
 

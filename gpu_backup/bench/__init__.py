@@ -9,16 +9,19 @@ neither rich, matplotlib, cupy nor torch.
 from __future__ import annotations
 
 from .env import machine, now_iso, versions
-from .report import HOST_NOTE, plot, print_report, summarize, write_json
-from .runner import FULL_SIZES, QUICK_SIZES, BenchConfig, run_bench
+from .report import HOST_NOTE, plot, print_report, summarize, to_json, write_json
+from .runner import FULL_SIZES, QUICK_SIZES, STEPS, BenchConfig, run_bench
 from .scenarios import VerifyError
 from .sizes import SizeError, fmt_bytes, fmt_size, parse_size, parse_sizes
+from .stats import Repeats
 
 __all__ = [
     "FULL_SIZES",
     "HOST_NOTE",
     "QUICK_SIZES",
+    "STEPS",
     "BenchConfig",
+    "Repeats",
     "SizeError",
     "VerifyError",
     "fmt_bytes",
@@ -31,6 +34,7 @@ __all__ = [
     "print_report",
     "run_bench",
     "summarize",
+    "to_json",
     "versions",
     "write_json",
 ]

@@ -1,7 +1,8 @@
 """The measurements behind ``gpu-backup bench``, one function per scenario.
 
 Each function returns raw times in seconds (``time.perf_counter`` around enqueue and
-synchronise); :func:`record` turns them into a result row.  Every function checks the
+synchronise), as many as its :class:`~.stats.Repeats` policy asks for (an int means
+exactly that many); :func:`record` turns them into a result row.  Every function checks the
 bytes it moved once, outside the timed region, and raises :class:`VerifyError` if they
 differ.  Resources (device allocations, pinned buffers, managers, stores) are released
 before a function returns, also on error.
@@ -13,7 +14,6 @@ numbers are host numbers, never GPU numbers.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,12 +25,14 @@ from ..errors import GpuBackupError
 from ..manager import BufferManager
 from ..staging import Staging
 from ..store import ShmemStore
+from .stats import Repeats, as_repeats, spread
 
 __all__ = [
-    "PAGE_CHUNK", "OVERSUB_BUFFERS", "VerifyError", "EvictRestoreTimes", "OversubResult",
-    "write_device", "read_device", "check_equal", "record", "roundtrip_gbps",
+    "PAGE_CHUNK", "OVERSUB_BUFFERS", "COPY", "EFFECTIVE", "VerifyError", "EvictRestoreTimes",
+    "OversubResult", "write_device", "read_device", "check_equal", "record", "roundtrip_gbps",
     "raw_buffers", "link_times", "page_at_a_time_times", "pageable_times",
-    "evict_restore_times", "evict_cold_times", "oversubscribe", "torch_times",
+    "evict_restore_times", "first_cycle_times", "evict_zero_times", "oversubscribe",
+    "torch_times",
 ]
 
 PAGE_CHUNK = 4096
@@ -38,6 +40,12 @@ PAGE_CHUNK = 4096
 
 OVERSUB_BUFFERS = 8
 """Buffers in the oversubscription scenario; they total twice the device budget."""
+
+COPY = "copy"
+"""A scenario that moves its bytes over the link: reported as ``ratio_to_link``."""
+EFFECTIVE = "effective"
+"""A scenario that copies nothing or not every byte (``evict_clean``, ``evict_zero``,
+``oversubscribe``): reported as ``effective_ratio``, never against the link line."""
 
 
 class VerifyError(GpuBackupError, RuntimeError):
@@ -75,20 +83,32 @@ def roundtrip_gbps(d2h: float, h2d: float) -> float:
 
 
 def record(scenario: str, size: int, times: list[float], *, link_gbps: float | None,
-           direction: str | None, note: str | None = None, nbytes: int | None = None,
+           direction: str | None, kind: str = COPY, note: str | None = None,
+           nbytes: int | None = None, repeats: Repeats | None = None,
            **extra: Any) -> dict[str, Any]:
-    """One result row.  ``gbps`` = bytes / median time / 1e9; ``ratio_to_link`` = gbps /
-    ``link_gbps`` (the link figure of the same direction at the same size, this run)."""
-    med = statistics.median(times)
+    """One result row.  ``gbps`` = bytes / median time / 1e9 (``gbps_min``/``gbps_max`` from
+    the slowest/fastest repeat, ``gbps_lo``/``gbps_hi`` from the quartiles).  A :data:`COPY` row has ``ratio_to_link`` = gbps /
+    ``link_gbps`` (the link of the same direction at the same size, this run); an
+    :data:`EFFECTIVE` row has ``effective_ratio`` instead and ``ratio_to_link`` None."""
+    st = spread(times)
     moved = size if nbytes is None else nbytes
-    gbps = moved / med / 1e9
+    gbps = moved / st["p50_us"] * 1e-3
+    ratio = gbps / link_gbps if link_gbps else None
     rec: dict[str, Any] = {
         "scenario": scenario,
+        "kind": kind,
         "size_bytes": size,
         "gbps": gbps,
-        "ratio_to_link": gbps / link_gbps if link_gbps else None,
-        "p50_us": med * 1e6,
+        "gbps_min": moved / st["max_us"] * 1e-3,
+        "gbps_max": moved / st["min_us"] * 1e-3,
+        # the error bar: the interquartile range, or the full range below 5 repeats
+        "gbps_lo": moved / (st["q3_us"] or st["max_us"]) * 1e-3,
+        "gbps_hi": moved / (st["q1_us"] or st["min_us"]) * 1e-3,
+        "ratio_to_link": ratio if kind == COPY else None,
+        "effective_ratio": ratio if kind == EFFECTIVE else None,
+        **st,
         "repeats": len(times),
+        "stopped": (repeats or Repeats(len(times))).stop_reason(times),
         "direction": direction,
         "link_gbps": link_gbps,
     }
@@ -128,18 +148,18 @@ def raw_buffers(backend: Any, data: np.ndarray) -> Iterator[tuple[Any, np.ndarra
         del dev                     # back to the allocator
 
 
-def _copy_times(enqueue: Callable[[], None], stream: Any, repeats: int) -> list[float]:
+def _copy_times(enqueue: Callable[[], None], stream: Any, repeats: int | Repeats) -> list[float]:
     """Times of ``enqueue(); stream.synchronize()`` after one untimed warm-up."""
     def once() -> None:
         enqueue()
         stream.synchronize()
 
     once()
-    return [_timed(once) for _ in range(repeats)]
+    return as_repeats(repeats).run(once)
 
 
 def link_times(backend: Any, dev: Any, pin: np.ndarray, data: np.ndarray,
-               repeats: int) -> tuple[list[float], list[float]]:
+               repeats: int | Repeats) -> tuple[list[float], list[float]]:
     """The link limit: one ``d2h`` (then one ``h2d``) of the whole buffer per operation
     between the device allocation and one pinned buffer.  Returns (d2h, h2d) times."""
     stream = backend.copy_stream
@@ -151,7 +171,7 @@ def link_times(backend: Any, dev: Any, pin: np.ndarray, data: np.ndarray,
 
 
 def page_at_a_time_times(backend: Any, dev: Any, pin: np.ndarray, data: np.ndarray,
-                         nbytes: int, repeats: int) -> list[float]:
+                         nbytes: int, repeats: int | Repeats) -> list[float]:
     """One 4 KiB ``d2h`` per page of the first ``nbytes``, then one synchronise: the literal
     page-by-page copy.  A Python loop per page on purpose: it is the alternative compared."""
     stream = backend.copy_stream
@@ -168,7 +188,8 @@ def page_at_a_time_times(backend: Any, dev: Any, pin: np.ndarray, data: np.ndarr
     return times
 
 
-def pageable_times(backend: Any, dev: Any, data: np.ndarray, repeats: int) -> list[float]:
+def pageable_times(backend: Any, dev: Any, data: np.ndarray,
+                   repeats: int | Repeats) -> list[float]:
     """The route spill managers such as cuDF's take: a synchronous copy into a fresh
     pageable numpy array, then a copy of that into a preallocated host "store" array."""
     store = np.empty(data.size, np.uint8)
@@ -179,7 +200,7 @@ def pageable_times(backend: Any, dev: Any, data: np.ndarray, repeats: int) -> li
         store[:] = tmp
 
     once()
-    times = [_timed(once) for _ in range(repeats)]
+    times = as_repeats(repeats).run(once)
     check_equal(store, data, "pageable")
     return times
 
@@ -194,32 +215,41 @@ class EvictRestoreTimes:
     clean_evictions: int    # how many timed clean evictions the manager counted as no-copy
 
 
-def evict_restore_times(mgr: BufferManager, data: np.ndarray, repeats: int, *,
+def _warm_bytes(store: Any) -> int | None:
+    return getattr(store, "bytes_warm", None)
+
+
+def evict_restore_times(mgr: BufferManager, data: np.ndarray, repeats: int | Repeats, *,
                         clean: bool = True) -> EvictRestoreTimes:
-    """gpu_backup evict and restore of one buffer with a warm store, then (``clean``)
-    clean re-eviction.
+    """gpu_backup evict and restore of one buffer in ``mgr`` as it is configured, then
+    (``clean``) clean re-eviction.
 
     Per repeat: ``evict()`` (timed), then ``access("rw")`` of the evicted buffer (timed: the
     restore; "rw" drops the backups, so the next eviction is a real copy).  One untimed
-    evict/restore first faults the store slots in.  Clean: after ``access("r")`` the backup
-    stays valid, and ``evict()`` (timed) copies nothing.
+    evict/restore comes first: the buffer's first cycle is measured on its own by
+    :func:`first_cycle_times`.  Clean: after ``access("r")`` the backup stays valid, and
+    ``evict()`` (timed) copies nothing.
     """
     size = data.size
+    rep = as_repeats(repeats)
     buf = mgr.alloc(size)
     try:
         with buf.access("w") as arr:
             write_device(arr, data)
-        buf.evict()                        # untimed warm-up: fault the store slots in
+        buf.evict()                        # untimed: the first cycle is its own scenario
         with buf.access("rw"):
             pass
-        evict, restore, all_warm = [], [], True
+        evict: list[float] = []
+        restore: list[float] = []
+        all_warm = True
 
         def touch() -> None:
             with buf.access("rw"):
                 pass
 
-        for _ in range(repeats):
-            all_warm &= mgr.store.bytes_warm >= size
+        for _ in rep.cycles(evict, restore):
+            warm = _warm_bytes(mgr.store)
+            all_warm &= warm is not None and warm >= size
             evict.append(_timed(buf.evict))
             restore.append(_timed(touch))
         check_equal(buf.to_host(), data, "evict/restore")
@@ -228,53 +258,63 @@ def evict_restore_times(mgr: BufferManager, data: np.ndarray, repeats: int, *,
 
         before = mgr.stats()["clean_evictions"]
         buf.evict()                        # a real copy; access("r") below keeps the backup
-        clean = []
+        clean_t: list[float] = []
 
         def read_only() -> None:
             with buf.access("r"):
                 pass
 
-        for _ in range(repeats):
+        for _ in rep.cycles(clean_t):
             read_only()
-            clean.append(_timed(buf.evict))
+            clean_t.append(_timed(buf.evict))
         cleaned = mgr.stats()["clean_evictions"] - before
         check_equal(buf.to_host(), data, "clean re-eviction")
     finally:
         buf.free()
-    return EvictRestoreTimes(evict, restore, clean, all_warm, cleaned)
+    return EvictRestoreTimes(evict, restore, clean_t, all_warm, cleaned)
 
 
-def evict_cold_times(device: Any, page_size: int, staging: Staging, data: np.ndarray,
-                     repeats: int, host_capacity: int | None = None) -> list[float]:
-    """Eviction into a fresh store (``warm_slack=0``): a new store and manager per repeat,
-    so every store page is faulted in during the timed eviction."""
-    times = []
-    for r in range(repeats):
-        with ShmemStore(page_size=page_size, warm_slack=0) as store, \
-                BufferManager(device, store=store, page_size=page_size, staging=staging,
-                              host_capacity=host_capacity) as mgr:
+def first_cycle_times(device: Any, page_size: int, staging: Staging, data: np.ndarray,
+                      repeats: int | Repeats) -> tuple[list[float], list[float]]:
+    """The first evict and restore of a buffer in a new ``BufferManager`` with its own
+    default store, as a user's first eviction runs: a new manager per repeat.  Returns
+    (evict, restore) times; the bytes are checked after the last repeat."""
+    evict: list[float] = []
+    restore: list[float] = []
+    rep = as_repeats(repeats)
+    for _ in rep.cycles(evict, restore):
+        with BufferManager(device, page_size=page_size, staging=staging) as mgr:
             buf = mgr.alloc(data.size)
-            with buf.access("w") as arr:
-                write_device(arr, data)
-            times.append(_timed(buf.evict))
-            if r == repeats - 1:
-                check_equal(buf.to_host(), data, "evict_cold")
-            buf.free()
-    return times
+            try:
+                with buf.access("w") as arr:
+                    write_device(arr, data)
+                evict.append(_timed(buf.evict))
+
+                def touch() -> None:
+                    with buf.access("rw"):
+                        pass
+
+                restore.append(_timed(touch))
+                got = buf.to_host()
+            finally:
+                buf.free()
+        check_equal(got, data, "first evict/restore")
+    return evict, restore
 
 
-def evict_zero_times(device: Any, store: ShmemStore, page_size: int, staging: Staging,
-                     size: int, repeats: int) -> list[float]:
+def evict_zero_times(device: Any, page_size: int, staging: Staging, size: int,
+                     repeats: int | Repeats, store: ShmemStore | None = None) -> list[float]:
     """Eviction of an all-zero buffer with the zero-page scan on: the scan finds every page
-    zero, nothing is copied, and restore is a memset.  Verifies both."""
-    times = []
+    zero, nothing is copied, and restore is a memset.  Verifies both.  ``store`` None:
+    the manager's own default store."""
+    times: list[float] = []
     with BufferManager(device, store=store, page_size=page_size, staging=staging,
                        zero_scan=True) as mgr:
         buf = mgr.alloc(size)
         zeros = np.zeros(size, np.uint8)
         with buf.access("w") as arr:
             write_device(arr, zeros)
-        for _ in range(repeats):
+        for _ in as_repeats(repeats).cycles(times):
             times.append(_timed(buf.evict))
             with buf.access("rw"):
                 pass
@@ -300,11 +340,12 @@ def _read_byte(arr: Any) -> int:
     return int(arr[0])      # cupy: a device -> host copy and a sync
 
 
-def oversubscribe(device: Any, store: ShmemStore, page_size: int, staging: Staging,
-                  data: np.ndarray, touches: int, rng: np.random.Generator,
+def oversubscribe(device: Any, page_size: int, staging: Staging, data: np.ndarray,
+                  touches: int, rng: np.random.Generator, store: ShmemStore | None = None,
                   host_capacity: int | None = None) -> OversubResult:
     """:data:`OVERSUB_BUFFERS` buffers of ``data.size`` B under a ``device_limit`` of half
-    their total, touched in random order (``access("rw")``, read one byte).
+    their total, touched in random order (``access("rw")``, read one byte).  ``store``
+    None: the manager's own default store.
 
     One untimed pass touches every buffer first; the timed touches follow.  Every buffer
     is checked at the end.
@@ -342,7 +383,8 @@ def oversubscribe(device: Any, store: ShmemStore, page_size: int, staging: Stagi
 
 
 # ------------------------------------------------------------------ torch
-def torch_times(device_id: int, data: np.ndarray, repeats: int) -> tuple[list[float], list[float]]:
+def torch_times(device_id: int, data: np.ndarray,
+                repeats: int | Repeats) -> tuple[list[float], list[float]]:
     """PyTorch's own route: ``pinned.copy_(t_cuda, non_blocking=True)`` then
     ``torch.cuda.synchronize()``, and back.  Needs torch with CUDA; returns (d2h, h2d)."""
     import torch
@@ -361,9 +403,9 @@ def torch_times(device_id: int, data: np.ndarray, repeats: int) -> tuple[list[fl
 
         d2h()
         check_equal(host.numpy(), data, "torch d2h")
-        t_d2h = [_timed(d2h) for _ in range(repeats)]
+        t_d2h = as_repeats(repeats).run(d2h)
         h2d()
-        t_h2d = [_timed(h2d) for _ in range(repeats)]
+        t_h2d = as_repeats(repeats).run(h2d)
         return t_d2h, t_h2d
     finally:
         del src, host
