@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..buffer import Residency
-from ..errors import GpuBackupError, OutOfDeviceMemory
+from ..errors import BufferBusyError, BufferFreedError, GpuBackupError, OutOfDeviceMemory
 from ._view import tensor_access, torch_device
 
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ class SavedTensorOffload:
         self.min_bytes = min_bytes
         self.device = torch_device(mgr)
         self._shared: weakref.WeakValueDictionary[int, _Stored] = weakref.WeakValueDictionary()
+        self._live: weakref.WeakSet[_Stored] = weakref.WeakSet()   # for release()
         self._lock = threading.Lock()   # counters only: unpack may run on autograd's threads
         self._counts = {"packed": 0, "packed_bytes": 0, "shared": 0, "unpacked": 0,
                         "restored": 0, "restored_bytes": 0,
@@ -149,6 +150,26 @@ class SavedTensorOffload:
         :data:`LEFT_REASONS`."""
         with self._lock:
             return dict(self._counts)
+
+    def release(self) -> int:
+        """Free every buffer these hooks made that autograd still holds; returns how many.
+
+        For a graph that will not be used again but is still referenced: PyTorch keeps the
+        nodes that were ready to run when a backward pass failed until the next backward
+        pass on that thread.  Unpacking a released tensor raises
+        :class:`gpu_backup.BufferFreedError`.  :func:`offload_saved_tensors` calls this when
+        an exception leaves its block.
+        """
+        freed = 0
+        for stored in list(self._live):
+            if stored._finalizer.detach() is None:
+                continue
+            try:
+                stored.buf.free()
+                freed += 1
+            except BufferBusyError as e:   # another thread is unpacking it right now
+                log.warning("offload_saved_tensors.release: %s", e)
+        return freed
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -191,6 +212,7 @@ class SavedTensorOffload:
                 self._count(left_oom=1)
                 return _Kept(t)
             self._shared[key] = stored
+            self._live.add(stored)
             self._count(packed=1, packed_bytes=stored.nbytes)
         return _Packed(stored, t.dtype, tuple(t.shape), t.stride())
 
@@ -227,6 +249,11 @@ class SavedTensorOffload:
                     f"offload_saved_tensors left to PyTorch)")
             return t
         stored = p.stored
+        if stored.buf.freed:
+            raise BufferFreedError(
+                f"a saved {p.dtype} tensor of shape {list(p.size)} was released by "
+                f"offload_saved_tensors (release(), or an exception left its block): this "
+                f"graph cannot run backward any more")
         evicted = stored.buf.state is not Residency.RESIDENT
         with torch.no_grad():
             out = torch.empty_strided(p.size, p.stride, dtype=p.dtype, device=self.device)
@@ -252,16 +279,25 @@ def offload_saved_tensors(mgr: BufferManager, *, min_bytes: int = DEFAULT_MIN_BY
     (logged once) rather than fail the forward pass.
 
     Lifetimes: a buffer is freed as soon as autograd drops its saved variable (after the
-    node ran, unless ``retain_graph=True``; when the graph is freed otherwise, including
-    after an exception in the middle of backward).  A copy is taken when the tensor is
+    node ran, unless ``retain_graph=True``; otherwise when the graph is freed).  A copy is taken when the tensor is
     saved, so an in-place change to an offloaded tensor afterwards does not reach its
     gradient (the contract of saved-tensor hooks); for a tensor left to PyTorch such a
     change raises as autograd does.
 
-    Yields the :class:`SavedTensorOffload` whose hooks are installed (``stats()``).  The
-    hooks apply to the forward pass run inside the block, on this thread; backward may run
-    after it.
+    An exception that leaves the block frees every buffer it made (the graph is being
+    abandoned); put ``backward()`` inside the block to have that cover it too.  For a
+    backward outside the block that fails, call ``release()`` on the yielded object: PyTorch
+    itself keeps part of a failed graph (the nodes that were ready to run) until the next
+    backward pass on that thread.
+
+    Yields the :class:`SavedTensorOffload` whose hooks are installed (``stats()``,
+    ``release()``).  The hooks apply to the forward pass run inside the block, on this
+    thread; backward may run inside or after it.
     """
     hooks = SavedTensorOffload(mgr, min_bytes)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-        yield hooks
+        try:
+            yield hooks
+        except BaseException:
+            hooks.release()
+            raise
