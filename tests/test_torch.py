@@ -524,3 +524,25 @@ def test_release_from_a_finalizer_never_waits_for_the_buffer_lock(tmgr):
     with buf._lock:          # as the shrinker holds it while evicting
         del packed, buf      # would deadlock if the finalizer took the lock
     _assert_empty(mgr)       # stats() runs the collector
+
+
+@needs_torch
+def test_bench_torch_rows_on_host():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_torch
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = bench_torch.run("host", batch=32, width=64, depth=3, steps=2, warmup=0)
+    by = {r["mode"]: r for r in rows}
+    assert list(by) == list(bench_torch.MODES)
+    for r in rows:
+        assert r["backend"] == "host" and r["device"] == "host"
+        assert r["same_losses_as_none"] is True and len(r["step_times_s"]) == 2
+        assert r["pinned_host_bytes"] == 0 and r["peak_device_bytes"] is None
+    assert by["offload"]["evictions"] > 0 and by["offload"]["restores"] > 0
+    assert by["offload"]["buffers_peak_bytes"] <= by["offload"]["device_limit"] \
+        < by["offload"]["saved_bytes_per_step"]
+    assert by["offload_fits"]["evictions"] == 0 and by["offload_fits"]["buffers_peak_bytes"] > 0
+    with pytest.raises(ValueError, match="modes must be among"):
+        bench_torch.run("host", modes=("nope",))
