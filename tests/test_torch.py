@@ -361,9 +361,11 @@ def test_tensors_left_to_pytorch(tmgr):
         if why in ("small", "param", "view"):   # the same memory, not a copy
             assert out.data_ptr() == t.data_ptr()
     p = hooks.pack(param.t())                   # a view of a parameter: also the module's
-    assert hooks.stats()["left_param"] == 2
+    frozen = torch.nn.Parameter(torch.zeros(64, 64, device=dev), requires_grad=False)
+    p2 = hooks.pack(frozen)                     # a frozen parameter: still the module's
+    assert hooks.stats()["left_param"] == 3
     assert hooks.stats()["packed"] == 0 and mgr.stats()["buffers"] == 0
-    del p
+    del p, p2
 
 
 @needs_torch

@@ -34,11 +34,11 @@ bookkeeping of a tiny tensor costs more than its memory)."""
 
 LEFT_REASONS = ("small", "device", "param", "view", "layout", "oom")
 """Why a saved tensor was left to PyTorch: under ``min_bytes``; on another device than the
-manager's; a leaf that requires grad, or a view of one (parameters and inputs: their owner
-keeps them alive, a copy would only add memory); a view that does not cover its whole
-storage (copying it would not free that storage); a layout other than plain strided
-(sparse, quantized, nested, conjugate or negative views, tensor subclasses); the manager
-could not make room for it."""
+manager's; a parameter (frozen ones too) or another leaf that requires grad, or a view of
+one (their owner keeps them alive: a copy would only add memory); a view that does not
+cover its whole storage (copying it would not free that storage); a layout other than
+plain strided (sparse, quantized, nested, conjugate or negative views, tensor
+subclasses); the manager could not make room for it."""
 
 
 def _release(buf: Buffer) -> None:
@@ -188,7 +188,7 @@ class SavedTensorOffload:
         if nbytes < self.min_bytes:
             return "small"
         root = t if t._base is None else t._base
-        if root.is_leaf and root.requires_grad:
+        if isinstance(root, torch.nn.Parameter) or (root.is_leaf and root.requires_grad):
             return "param"
         if t.storage_offset() != 0 or t.untyped_storage().nbytes() != nbytes or not _dense(t):
             return "view"
