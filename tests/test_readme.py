@@ -18,3 +18,18 @@ def test_readme_tour_runs():
                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert out.returncode == 0, out.stderr
     assert "Residency.EVICTED" in out.stdout
+
+
+def test_readme_pytorch_snippet_runs():
+    """The PyTorch section's snippet runs as written (host backend and CPU tensors here)."""
+    import pytest
+
+    pytest.importorskip("torch", reason="torch is not installed")
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(import torch\n.*?)```", text, re.S)
+    assert snippet, "README lost its PyTorch snippet"
+    out = subprocess.run([sys.executable, "-W", "ignore::UserWarning", "-c", snippet.group(1)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "packed" in out.stdout
