@@ -140,7 +140,9 @@ def _read_int(path: str) -> int | None:
 class HostMemory:
     """Host memory and swap, as the kernel and this process's cgroup (v2) report them.
 
-    Readings are cached for ``ttl`` seconds so hot paths may ask often.
+    Readings are cached for ``ttl`` seconds so hot paths may ask often.  Anything with
+    the same ``read(fresh=False) -> dict`` method can stand in for it (the stores take
+    a reader as a parameter).
     """
 
     __slots__ = ("ttl", "_lock", "_at", "_value", "_cgroup")
@@ -176,4 +178,13 @@ class HostMemory:
             return dict(self._value)
 
 
+    def _after_fork_in_child(self) -> None:
+        # A thread of the parent may have held the lock at fork(): the child starts afresh.
+        self._lock = threading.Lock()
+        self._at = -1.0
+
+
 host_memory = HostMemory()
+"""The process's reader.  Stores take a reader as a parameter, so tests can pass their own."""
+
+os.register_at_fork(after_in_child=host_memory._after_fork_in_child)
