@@ -134,6 +134,9 @@ class MappedStore:
     host_memory, clock
         The host-memory reader (``read() -> dict`` with ``available``, ``swap_free``,
         ...) and monotonic clock the pool policy consults; injectable for tests.
+    background
+        Run the pool maintainer thread (default).  Without it nothing is released
+        behind the caller's back: ``reclaim()`` runs a pass when the owner calls it.
     what
         How errors name the store's file.
     """
@@ -143,7 +146,8 @@ class MappedStore:
     def __init__(self, fd: int, capacity: int, *, page_size: int, warm_slack: int,
                  threads: int | None, warm_floor: int = 0, warm_decay: float = DEFAULT_DECAY,
                  watermark: int | None = None, host_memory: Any = None,
-                 clock: Callable[[], float] | None = None, what: str = "the store's file") -> None:
+                 clock: Callable[[], float] | None = None, background: bool = True,
+                 what: str = "the store's file") -> None:
         self._holder = _Holder()
         self._holder.fd = fd  # owned from here on, whatever fails below
         self._finalizer = weakref.finalize(self, self._holder.release)
@@ -162,6 +166,7 @@ class MappedStore:
         self.page_size = page_size
         self.npages = nslots
         self._mem = host_memory
+        self.background = bool(background)
         self._clock = clock or time.monotonic
         try:
             os.ftruncate(fd, nslots * page_size)
@@ -339,7 +344,7 @@ class MappedStore:
                         raise StoreFullError(
                             f"cannot store {npages * ps:,} B: faulting in "
                             f"{sum(n for _, n in cruns) * ps:,} B of {self._backing_name()} "
-                            f"failed: {e.strerror}") from e
+                            f"failed: {e.strerror or e}") from e
                     _faults.point("store.alloc.faulted")
                 with deferred_interrupt():
                     if populate:
@@ -373,7 +378,7 @@ class MappedStore:
                     raise
                 raise StoreFullError(
                     f"cannot store {idx.size * self.page_size:,} B: faulting in "
-                    f"{self._backing_name()} failed: {e.strerror}") from e
+                    f"{self._backing_name()} failed: {e.strerror or e}") from e
             with self._lock:
                 if unfaulted.size:
                     self._state[unfaulted] = USED
@@ -701,7 +706,8 @@ class MappedStore:
 
     def _start_maintainer(self) -> None:
         # Caller holds the lock.
-        if self._holder.maintainer is None and not self._closed and not self._guard.inherited:
+        if (self.background and self._holder.maintainer is None and not self._closed
+                and not self._guard.inherited):
             self._holder.maintainer = Maintainer(
                 self, min(1.0, self.warm_decay / 4), f"gpu_backup-{self.kind}-pool")
 

@@ -60,6 +60,8 @@ class Maintainer:
 
 def _loop(ref: weakref.ref, stop: threading.Event, wake: threading.Event,
           interval: float) -> None:
+    wake.wait(interval)                # the first pass after one interval, like the rest
+    wake.clear()
     while not stop.is_set():
         store = ref()
         if store is None:

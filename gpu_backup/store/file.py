@@ -29,7 +29,7 @@ class FileStore(MappedStore):
         the caller keeps (and closes) their own; its contents are discarded.
     capacity
         Most bytes the store may hold.  ``None``: the file system's free space now.
-    page_size, threads, warm_decay, clock
+    page_size, threads, warm_decay, clock, background
         As for :class:`ShmemStore`.
     warm_slack, warm_floor
         As for :class:`ShmemStore`, for disk blocks kept allocated for reuse (default
@@ -45,7 +45,7 @@ class FileStore(MappedStore):
     def __init__(self, path_or_fd: PathOrFd, capacity: int | None = None, *,
                  page_size: int = PAGE_SIZE, warm_slack: int = 64 << 20, warm_floor: int = 0,
                  warm_decay: float = DEFAULT_DECAY, threads: int | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, background: bool = True) -> None:
         if isinstance(path_or_fd, bool) or not isinstance(path_or_fd, (int, str, os.PathLike)):
             raise TypeError(f"path_or_fd must be a path or an int fd, got {type(path_or_fd).__name__}")
         if capacity is not None and check_count("capacity", capacity) <= 0:
@@ -80,7 +80,7 @@ class FileStore(MappedStore):
             raise
         super().__init__(fd, capacity, page_size=page_size, warm_slack=warm_slack,
                          threads=threads, warm_floor=warm_floor, warm_decay=warm_decay,
-                         clock=clock, what=f"file {what}")
+                         clock=clock, background=background, what=f"file {what}")
 
     def _backing_name(self) -> str:
         return "disk space"

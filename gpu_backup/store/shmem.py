@@ -55,6 +55,10 @@ class ShmemStore(MappedStore):
     host_memory, clock
         The host-memory reader and monotonic clock the pool consults (tests inject
         their own to simulate pressure and time).
+    background
+        Run the pool maintainer thread (default True).  With False the pool changes
+        only in the caller's calls (``reclaim()`` runs a pass; ``prefault`` then runs
+        in the constructor).
 
     The store owns its memfd, mapping, copy threads and pool maintainer thread;
     ``close()`` (or the context manager, or garbage collection as a safety net)
@@ -68,7 +72,7 @@ class ShmemStore(MappedStore):
                  warm_decay: float = DEFAULT_DECAY, watermark: int | None = None,
                  host_reserve: int | None = None, threads: int | None = None,
                  prefault: int = 0, name: str = "gpu_backup", host_memory: Any = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, background: bool = True) -> None:
         mem_reader = _os.host_memory if host_memory is None else host_memory
         mem = mem_reader.read(fresh=True)
         if capacity is None:
@@ -94,11 +98,14 @@ class ShmemStore(MappedStore):
         super().__init__(fd, capacity, page_size=page_size, warm_slack=warm_slack,
                          threads=threads, warm_floor=warm_floor, warm_decay=warm_decay,
                          watermark=watermark, host_memory=mem_reader, clock=clock,
-                         what=f"memfd {name!r}")
-        if prefault:
+                         background=background, what=f"memfd {name!r}")
+        if prefault and not background:
+            self.prefault(prefault)
+        elif prefault:
             with self._lock:
                 self._prefault_left = -(-min(prefault, self.capacity) // self.page_size)
                 self._start_maintainer()
+                self._holder.maintainer.wake()  # type: ignore[union-attr]
 
     def _backing_name(self) -> str:
         return "host memory and swap"

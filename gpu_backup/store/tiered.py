@@ -55,10 +55,10 @@ class TieredStore:
 
     def __init__(self, fast: PageStore, slow: PageStore, *, low_watermark: int = 0) -> None:
         for name, tier in (("fast", fast), ("slow", slow)):
+            if getattr(tier, "closed", False) is True:
+                raise ValueError(f"{name} store {tier!r} is closed")
             if not isinstance(tier, PageStore):
                 raise TypeError(f"{name} must be a page store, got {type(tier).__name__}")
-            if tier.closed:
-                raise ValueError(f"{name} store {tier!r} is closed")
         if fast.page_size != slow.page_size:
             raise ValueError(f"tier page sizes differ: fast {fast.page_size:,}, slow {slow.page_size:,}")
         self.fast, self.slow = fast, slow
@@ -268,13 +268,12 @@ class TieredStore:
     def _free_phys(self, loc: np.ndarray) -> None:
         """Drop tier handles (``> 0`` fast, ``< 0`` slow); what a tier refuses or fails to
         drop goes on the orphan list, retried by the next alloc, trim or close."""
-        for part in (loc[loc > 0], loc[loc < 0]):
-            if not part.size:
-                continue
+        parts = [p for p in (loc[loc > 0], loc[loc < 0]) if p.size]
+        for k, part in enumerate(parts):
             try:
                 (self.fast if part[0] > 0 else self.slow).drop(np.abs(part))
             except BaseException:
-                self._orphans.append(part)
+                self._orphans.extend(parts[k:])
                 raise
 
     def _drop_orphans(self) -> None:
