@@ -9,13 +9,16 @@ make sure no copy is in flight first (the stores wait for in-flight operations).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import mmap
 import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -27,6 +30,7 @@ __all__ = [
     "Mapping",
     "HostMemory",
     "host_memory",
+    "deferred_interrupt",
 ]
 
 OS_PAGE_SIZE = mmap.PAGESIZE
@@ -105,9 +109,33 @@ def advice_supported(err: OSError) -> bool:
     return err.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold off ``SIGINT`` for a few lines that must not be cut in two (bookkeeping, or an
+    open file not yet in its ``with``): a signal that arrives meanwhile is handed to the
+    handler that was installed (Python's default raises ``KeyboardInterrupt``) when the
+    block ends.  Only on the main thread (signals interrupt no other) and only for a
+    Python-level handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGINT)
+    if not callable(old):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if caught:
+            old(signal.SIGINT, None)
+
+
 def _read_kib(path: str, keys: tuple[str, ...]) -> dict[str, int]:
     out: dict[str, int] = {}
-    with open(path, "rb") as f:
+    with deferred_interrupt(), open(path, "rb") as f:
         for line in f:
             name, _, rest = line.partition(b":")
             key = name.decode()
@@ -130,7 +158,7 @@ def _cgroup_dir() -> str | None:
 
 def _read_int(path: str) -> int | None:
     try:
-        with open(path) as f:
+        with deferred_interrupt(), open(path) as f:
             text = f.read().strip()
     except OSError:
         return None

@@ -14,13 +14,12 @@ daemons, and a store's finalizer closes them, so a process never hangs at exit.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from queue import SimpleQueue
 
 from .._fork import ForkGuard
+from .._os import deferred_interrupt
 
 __all__ = ["Batch", "Workers", "deferred_interrupt"]
 
@@ -139,23 +138,3 @@ class Workers:
         for t in threads:
             if t is not me:
                 t.join()
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold off ``SIGINT`` for a few lines of bookkeeping that must not be cut in two; a
-    ``KeyboardInterrupt`` that arrives meanwhile is raised when the block ends.  Only on
-    the main thread, and only while Python's default handler is installed (elsewhere
-    signals do not interrupt, or someone else decided what they do)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    caught: list[int] = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if caught:
-            raise KeyboardInterrupt
