@@ -14,7 +14,7 @@ import pytest
 
 import gpu_backup as gb
 from gpu_backup import _faults, _os
-from gpu_backup.store import StoreSetupError, _base
+from gpu_backup.store import StoreSetupError, _base, _pool
 
 PS = gb.PAGE_SIZE
 
@@ -529,12 +529,12 @@ def _settle(s, live, pending):
     assert audit["busy"] == 0
     for key in list(live):
         state = s._state[np.array(key) - 1]
-        if ((state == _base.WARM) | (state == _base.COLD)).any():
+        if ((state == _pool.WARM) | (state == _pool.COLD)).any():
             del live[key]              # the interrupt hit after the drop took effect
     known = np.zeros(s.npages, bool)
     for key in live:
         known[np.array(key) - 1] = True
-    held = (s._state == _base.USED) | (s._state == _base.UNFAULTED)
+    held = (s._state == _pool.USED) | (s._state == _pool.UNFAULTED)
     unknown = np.flatnonzero(held & ~known)
     if unknown.size:                   # only a backup that returned can hold them
         assert pending is not None and unknown.size == pending.size // PS

@@ -16,7 +16,7 @@ import pytest
 
 import gpu_backup as gb
 from gpu_backup import _faults, _os
-from gpu_backup.store import _base
+from gpu_backup.store import _pool
 
 PS = gb.PAGE_SIZE
 GiB = 1 << 30
@@ -223,7 +223,7 @@ def test_prefault_runs_in_the_background_and_races_correctly(host, clock, rng):
             in_step.set()
             assert go.wait(30)
 
-    monkey = (_base, "_PREFAULT_STEP", 16 << 20)
+    monkey = (_pool, "_PREFAULT_STEP", 16 << 20)
     old_step = getattr(*monkey[:2])
     setattr(*monkey)
     old = _faults.set_injector(hold)
