@@ -340,3 +340,30 @@ def test_concurrent_use_while_the_maintainer_reclaims(host, rng):
     s.trim()
     assert s.bytes_resident == 0
     s.close()
+
+
+@pytest.mark.parametrize("how", ["close", "gc"])
+def test_every_store_thread_is_joined(monkeypatch, rng, how):
+    import gc
+
+    from gpu_backup.store import _base
+
+    def ours():
+        return {t for t in threading.enumerate() if t.name.startswith("gpu_backup-shmem")}
+
+    before = ours()
+    monkeypatch.setattr(_base, "_PARALLEL_MIN", 1 << 20)
+    s = gb.ShmemStore(16 << 20, threads=3, host_reserve=0)
+    s.drop(s.backup(pages(rng, 1024)))             # copy threads and the maintainer
+    started = ours() - before
+    assert len(started) == 3                       # two copy helpers and the maintainer
+    if how == "close":
+        s.close()
+    else:
+        ref = weakref.ref(s)
+        del s
+        gc.collect()
+        assert ref() is None                       # no thread keeps the store alive
+    for t in started:
+        t.join(30)
+    assert not any(t.is_alive() for t in started)

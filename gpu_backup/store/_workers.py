@@ -72,33 +72,30 @@ class Batch:
         every job started, then raise the first error (a caller's ``KeyboardInterrupt``
         first)."""
         interrupt: BaseException | None = None
-        try:
-            with deferred_interrupt():      # the caller's own jobs run to their end
+        # SIGINT waits until every job started has finished (one piece per thread at
+        # most); an interrupt raised by a job stops new jobs from starting.
+        with deferred_interrupt():
+            try:
                 if workers is not None:
                     workers.offer(self, helpers)
                 self.work()
-        except KeyboardInterrupt as e:
-            interrupt = e
-        with self._cond:                    # jobs nobody started never will
-            self._done += len(self._jobs) - self._next
-            self._next = len(self._jobs)
-            if self._done == self._next:
-                self._cond.notify_all()
-        while True:
-            try:
-                with self._cond:
-                    while self._done < self._next:
-                        self._cond.wait()
-                break
-            except KeyboardInterrupt as e:  # keep waiting: a helper still copies
-                interrupt = interrupt or e
+            except KeyboardInterrupt as e:
+                interrupt = e
+            with self._cond:                # jobs nobody started never will
+                self._done += len(self._jobs) - self._next
+                self._next = len(self._jobs)
+                while self._done < self._next:
+                    self._cond.wait()
+                self._jobs = []             # a helper may still hold the batch: it must
+                self._next = self._done = 0  # not hold the store through the jobs
+                errors, self.errors = self.errors, []
         if interrupt is not None:
             raise interrupt
-        for e in self.errors:
+        for e in errors:
             if isinstance(e, KeyboardInterrupt):
                 raise e
-        if self.errors:
-            raise self.errors[0]
+        if errors:
+            raise errors[0]
 
 
 class Workers:
@@ -122,6 +119,7 @@ class Workers:
             if batch is None:
                 return
             batch.work()
+            del batch                   # hold nothing of the store while idle
 
     def offer(self, batch: Batch, helpers: int) -> None:
         for _ in range(min(helpers, len(self._threads))):
