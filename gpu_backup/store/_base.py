@@ -31,7 +31,6 @@ party; ``gpu_backup._faults.point("store.<step>")`` marks the steps for tests.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -39,7 +38,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -293,24 +292,11 @@ class MappedStore(PoolMixin):
         if self._closed:
             raise ClosedError(f"{type(self).__name__} is closed")
 
-    @contextlib.contextmanager
-    def _op(self) -> Iterator[None]:
-        """One operation: refused once closed (or in a forked child); ``close`` waits for it."""
+    def _op(self) -> _Op:
+        """One operation (``with self._op():``): refused once closed (or in a forked
+        child); ``close`` waits for it."""
         self._guard.check(type(self).__name__)
-        entered = False
-        try:
-            with deferred_interrupt(), self._lock:
-                if self._closed:
-                    raise ClosedError(f"{type(self).__name__} is closed")
-                self._active += 1
-                entered = True
-            yield
-        finally:
-            if entered:
-                with self._lock:
-                    self._active -= 1
-                    if not self._active:
-                        self._idle.notify_all()
+        return _Op(self)
 
     # -------------------------------------------------------------- the API
     def alloc(self, npages: int, *, populate: bool = True) -> np.ndarray:
@@ -621,6 +607,32 @@ class MappedStore(PoolMixin):
             assert counts[BUSY] == self._pending, (counts, self._pending)
             return {"cold": int(counts[COLD]), "warm": int(counts[WARM]),
                     "used": int(counts[USED] + counts[UNFAULTED]), "busy": int(counts[BUSY])}
+
+
+class _Op:
+    """Counts an operation in flight on a store (``_active``) for ``close`` to wait for."""
+
+    __slots__ = ("_store", "_entered")
+
+    def __init__(self, store: MappedStore) -> None:
+        self._store = store
+        self._entered = False
+
+    def __enter__(self) -> None:
+        s = self._store
+        with deferred_interrupt(), s._lock:
+            if s._closed:
+                raise ClosedError(f"{type(s).__name__} is closed")
+            s._active += 1
+            self._entered = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._entered:
+            s = self._store
+            with s._lock:
+                s._active -= 1
+                if not s._active:
+                    s._idle.notify_all()
 
 
 def backup_pages(store: Any, data: Any, writeback: bool, *, populate: bool = True) -> np.ndarray:

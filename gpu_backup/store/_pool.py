@@ -50,8 +50,6 @@ class PoolMixin:
     _freed: threading.Condition
     page_size: int
 
-
-
     def prefault(self, nbytes: int) -> int:
         """Fault in free slots ahead of need, until ``nbytes`` of pool slots are ready (or
         the capacity or backing memory runs out).  Returns the bytes newly faulted in.
