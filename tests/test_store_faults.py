@@ -303,7 +303,8 @@ def test_tiered_refuses_duplicates_and_huge_handles(tmp_path, rng):
 
 
 # ------------------------------------------------------------------ bad input
-def test_bad_counts_and_sizes(make_store, tmp_path):
+def test_bad_counts_and_sizes(make_store, tmp_path, resources):
+    fds = resources()
     s = make_store()
     for bad, err, text in ((1.7, TypeError, "1.7"), (True, TypeError, "True"),
                            ("3", TypeError, "'3'"), (-1, ValueError, "-1")):
@@ -328,12 +329,19 @@ def test_bad_counts_and_sizes(make_store, tmp_path):
             gb.ShmemStore(cap, **kw)
     with pytest.raises(TypeError, match="2.5"):
         gb.FileStore(tmp_path, 2.5)
+    with pytest.raises(ValueError, match="warm_decay=-1.0"):
+        gb.FileStore(tmp_path / "never.bin", 1 << 20, warm_decay=-1)
+    assert not (tmp_path / "never.bin").exists()        # refused before the file was made
     with pytest.raises(ValueError, match="low_watermark=-1"):
         gb.TieredStore(gb.ShmemStore(PS), gb.FileStore(tmp_path, PS), low_watermark=-1)
     closed = gb.ShmemStore(PS)
     closed.close()
+    slow = gb.FileStore(tmp_path, PS)
     with pytest.raises(ValueError, match="closed"):
-        gb.TieredStore(closed, gb.FileStore(tmp_path, PS))
+        gb.TieredStore(closed, slow)
+    slow.close()
+    s.close()
+    assert resources() == fds                           # no refused store kept an fd
 
 
 def test_constructor_os_errors_carry_the_path_and_numbers(tmp_path):

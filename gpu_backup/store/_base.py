@@ -147,6 +147,17 @@ class MappedStore(PoolMixin):
         self._holder.fd = fd  # owned from here on, whatever fails below
         self._finalizer = weakref.finalize(self, self._holder.release)
         self._guard = ForkGuard()
+        try:
+            self._setup(fd, capacity, page_size, warm_slack, threads, warm_floor, warm_decay,
+                        watermark, host_memory, clock, background, what)
+        except BaseException:
+            self._finalizer()       # the fd and any mapping go now, not at collection
+            raise
+
+    def _setup(self, fd: int, capacity: int, page_size: int, warm_slack: int,
+               threads: int | None, warm_floor: int, warm_decay: float, watermark: int | None,
+               host_memory: Any, clock: Callable[[], float] | None, background: bool,
+               what: str) -> None:
         page_size = check_page_size(page_size)
         warm_floor = check_count("warm_floor", warm_floor)
         self.warm_slack = max(check_count("warm_slack", warm_slack), warm_floor)

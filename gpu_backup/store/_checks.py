@@ -13,7 +13,7 @@ from .._os import OS_PAGE_SIZE
 from ..errors import GpuBackupError, InvalidHandleError
 
 __all__ = ["StoreSetupError", "as_bytes", "as_handles", "check_count", "check_page_size",
-           "check_seconds", "reject_duplicates"]
+           "check_seconds", "check_store_args", "reject_duplicates"]
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -52,6 +52,20 @@ def check_page_size(page_size: Any) -> int:
     if page_size < OS_PAGE_SIZE or page_size & (page_size - 1):
         raise ValueError(f"{page_size=} must be a power of two >= {OS_PAGE_SIZE} (the OS page)")
     return page_size
+
+
+def check_store_args(*, page_size: Any, warm_slack: Any, warm_floor: Any, warm_decay: Any,
+                     threads: Any, watermark: Any = None) -> None:
+    """Every store constructor argument checked up front, before a file is made or opened
+    (``None`` where a default applies)."""
+    check_page_size(page_size)
+    for name, value in (("warm_slack", warm_slack), ("warm_floor", warm_floor),
+                        ("watermark", watermark)):
+        if value is not None:
+            check_count(name, value)
+    check_seconds("warm_decay", warm_decay)
+    if threads is not None:
+        check_count("threads", threads, minimum=1)
 
 
 def as_bytes(obj: Any, name: str, *, writable: bool) -> np.ndarray:

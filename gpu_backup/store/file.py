@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from .._os import MADV_PAGEOUT
 from ._base import DEFAULT_DECAY, PAGE_SIZE, MappedStore
-from ._checks import StoreSetupError, check_count
+from ._checks import StoreSetupError, check_count, check_store_args
 
 __all__ = ["FileStore"]
 
@@ -48,6 +48,8 @@ class FileStore(MappedStore):
                  clock: Callable[[], float] | None = None, background: bool = True) -> None:
         if isinstance(path_or_fd, bool) or not isinstance(path_or_fd, (int, str, os.PathLike)):
             raise TypeError(f"path_or_fd must be a path or an int fd, got {type(path_or_fd).__name__}")
+        check_store_args(page_size=page_size, warm_slack=warm_slack, warm_floor=warm_floor,
+                         warm_decay=warm_decay, threads=threads)
         if capacity is not None and check_count("capacity", capacity) <= 0:
             raise ValueError(f"capacity={capacity:,} must be > 0 bytes")
         what = f"fd {path_or_fd}" if isinstance(path_or_fd, int) else repr(os.fspath(path_or_fd))

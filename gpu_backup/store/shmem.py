@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import _os
 from ._base import DEFAULT_DECAY, PAGE_SIZE, MappedStore
-from ._checks import StoreSetupError, check_count
+from ._checks import StoreSetupError, check_count, check_store_args
 
 __all__ = ["ShmemStore"]
 
@@ -73,6 +73,8 @@ class ShmemStore(MappedStore):
                  host_reserve: int | None = None, threads: int | None = None,
                  prefault: int = 0, name: str = "gpu_backup", host_memory: Any = None,
                  clock: Callable[[], float] | None = None, background: bool = True) -> None:
+        check_store_args(page_size=page_size, warm_slack=warm_slack, warm_floor=warm_floor,
+                         warm_decay=warm_decay, threads=threads, watermark=watermark)
         mem_reader = _os.host_memory if host_memory is None else host_memory
         mem = mem_reader.read(fresh=True)
         if capacity is None:
