@@ -550,3 +550,17 @@ def _settle(s, live, pending):
     assert s._audit()["used"] == sum(len(k) for k in live)
     for key, data in live.items():
         np.testing.assert_array_equal(readback(s, np.array(key)), data)
+
+
+def test_tiered_watermark_demotion_failure_keeps_the_allocation(tmp_path, rng, caplog):
+    slow = FlakySlow(gb.FileStore(tmp_path, 64 * PS))
+    with gb.TieredStore(gb.ShmemStore(16 * PS, warm_slack=0, host_reserve=0), slow,
+                        low_watermark=8 * PS) as t:
+        data = pages(rng, 12)
+        with caplog.at_level(logging.WARNING, logger="gpu_backup.store"):
+            h = t.backup(data)                   # stored; the watermark demotion failed
+        assert "a later allocation tries again" in caplog.text
+        np.testing.assert_array_equal(readback(t, h), data)
+        t.backup(pages(rng, 1))                  # demotes now
+        assert t.slow.bytes_used > 0 and t.fast.bytes_avail() >= 8 * PS
+        np.testing.assert_array_equal(readback(t, h), data)

@@ -142,7 +142,15 @@ class TieredStore:
                 self._free_phys(phys)
                 raise
             if self.low_watermark and self.fast.bytes_avail() < self.low_watermark:
-                self._demote(self.low_watermark - self.fast.bytes_avail())
+                try:
+                    self._demote(self.low_watermark - self.fast.bytes_avail())
+                except Exception as e:  # noqa: BLE001 - the pages are stored; demote later
+                    log.warning("demoting to keep %s B free in the fast tier failed (%s); "
+                                "a later allocation tries again",
+                                f"{self.low_watermark:,}", str(e))
+                except BaseException:
+                    self.drop(ids + 1)
+                    raise
             return ids + 1
 
     def _alloc_split(self, npages: int, populate: bool) -> np.ndarray:
