@@ -16,6 +16,18 @@ For each size, all in one run (GB/s = 1e9 bytes/s; median and best of the repeat
   are checked against ``src`` once, outside the timed region).
 * ``file_write_warm``, ``file_read``  the same for ``FileStore`` in a temporary directory
   under /tmp (page-cache backed; nothing is forced to disk).
+* ``default_write``    ``backup`` on a ``ShmemStore`` built with its defaults, in
+  backup -> drop -> backup cycles (no warm-up: the first, cold, backup is its own row,
+  ``default_write_first``), each paired with a numpy copy of the same bytes in the same
+  loop; its ratio is to those paired copies.  The goal: >= 0.8x.
+
+Then, for each ``--cycle-sizes`` size, paired in the same loop (the order alternates):
+
+* ``cycle_default``    one ``backup`` + ``drop`` on a store with its defaults (the first,
+  cold cycle is reported as ``cycle_default_first`` and left out of the median).
+* ``cycle_warm``       the same on an explicitly warm store (``warm_slack`` = 2x the size,
+  an untimed warm-up cycle first), as ``gpu-backup bench`` builds it.
+  The goal: ``cycle_default`` >= 0.9x ``cycle_warm`` (medians).
 
 Each row also gives the ratio to the numpy copy measured in this run, and the last lines
 say whether "warm store write >= 0.8x numpy copy" holds at each size (from the medians).
@@ -42,6 +54,7 @@ except ImportError:
     import gpu_backup
 
 GOAL = 0.8
+CYCLE_GOAL = 0.9
 COLD_BIG = 256 << 20  # from this size on, cold writes repeat at most twice (they are slow)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -106,6 +119,54 @@ def bench_warm_and_read(store, src: np.ndarray, repeat: int):
     return writes, reads, all_warm, ok
 
 
+def bench_default_write(src: np.ndarray, repeat: int) -> tuple[float, list[float], list[float], bool]:
+    """On a store with its defaults: the first (cold) backup time, then warm backup times
+    in backup -> drop -> backup cycles, each paired with a numpy copy of the same bytes."""
+    dst = np.empty_like(src)
+    dst.fill(1)
+    with gpu_backup.ShmemStore(src.size) as store:
+        t0 = time.perf_counter()
+        handles = store.backup(src)
+        first = time.perf_counter() - t0
+        times, copies, all_warm = [], [], True
+        for _ in range(repeat):
+            store.drop(handles)
+            all_warm &= store.bytes_warm >= src.size
+            t0 = time.perf_counter()
+            handles = store.backup(src)
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            dst[:] = src
+            copies.append(time.perf_counter() - t0)
+        store.drop(handles)
+    return first, times, copies, all_warm
+
+
+def bench_cycles(src: np.ndarray, repeat: int) -> tuple[float, list[float], list[float]]:
+    """Paired backup+drop cycles: a default store (first cycle returned apart) and an
+    explicitly warm one (untimed warm-up), alternating which goes first."""
+    size = src.size
+
+    def cycle(store) -> float:
+        t0 = time.perf_counter()
+        store.drop(store.backup(src))
+        return time.perf_counter() - t0
+
+    with gpu_backup.ShmemStore(size) as default, \
+            gpu_backup.ShmemStore(size, warm_slack=2 * size) as warm:
+        first = cycle(default)
+        cycle(warm)
+        d, w = [], []
+        for i in range(repeat):
+            if i % 2:
+                w.append(cycle(warm))
+                d.append(cycle(default))
+            else:
+                d.append(cycle(default))
+                w.append(cycle(warm))
+    return first, d, w
+
+
 def record(scenario: str, size: int, times: list[float], base: float | None, note: str = ""):
     med, best = size / statistics.median(times) / 1e9, size / min(times) / 1e9
     return {"scenario": scenario, "size_bytes": size, "gbps_median": med, "gbps_best": best,
@@ -125,6 +186,9 @@ def main() -> int:
                     type=lambda s: [parse_size(x) for x in s.split(",") if x.strip()],
                     help="comma-separated sizes with K/M/G suffixes (default: 4M,64M,256M)")
     ap.add_argument("--repeat", type=int, default=5, help="timed repetitions (default: 5)")
+    ap.add_argument("--cycle-sizes", default="256M,1G",
+                    type=lambda s: [parse_size(x) for x in s.split(",") if x.strip()],
+                    help="sizes for the default-vs-warm backup/drop cycles (default: 256M,1G)")
     ap.add_argument("--json", metavar="PATH", help="also write the records as JSON here")
     args = ap.parse_args()
     if args.repeat < 1:
@@ -137,12 +201,12 @@ def main() -> int:
           f"{machine['cpu_count']} CPUs, numpy {np.__version__}, {date}")
     print(f"(GB/s = 1e9 B/s; ratio = median / numpy-copy median; repeat={args.repeat}, "
           f"cold repeats capped at 2 from {fmt_size(COLD_BIG)})\n")
-    hdr = (f"{'scenario':<18}{'size':>6}{'n':>3}{'median GB/s':>13}{'best GB/s':>11}"
+    hdr = (f"{'scenario':<20}{'size':>6}{'n':>3}{'median GB/s':>13}{'best GB/s':>11}"
            f"{'x numpy':>9}  note")
     print(hdr)
     print("-" * len(hdr))
 
-    results, goal = [], []
+    results, goal, default_goal = [], [], []
     rng = np.random.default_rng(0)
     for size in args.sizes:
         src = rng.integers(0, 256, size, dtype=np.uint8)
@@ -161,18 +225,56 @@ def main() -> int:
         rows.append(record("file_write_warm", size, w, base,
                            "all warm hits" if warm else "NOT warm: bytes_warm < size"))
         rows.append(record("file_read", size, r, base, "verified" if ok else "MISMATCH"))
+        first, w, copies, warm = bench_default_write(src, args.repeat)
+        paired = record("numpy_copy_paired", size, copies, None)
+        rows.append(record("default_write_first", size, [first], base, "cold: first touch"))
+        rows.append(record("default_write", size, w, paired["gbps_median"],
+                           ("all warm hits" if warm else "NOT warm: bytes_warm < size")
+                           + f"; ratio to the paired numpy copy ({paired['gbps_median']:.2f} GB/s)"))
         for rec in rows:
-            print(f"{rec['scenario']:<18}{fmt_size(size):>6}{rec['repeats']:>3}"
+            print(f"{rec['scenario']:<20}{fmt_size(size):>6}{rec['repeats']:>3}"
                   f"{rec['gbps_median']:>13.2f}{rec['gbps_best']:>11.2f}"
                   f"{rec['ratio_to_numpy']:>8.2f}x  {rec['note']}".rstrip())
         print()
         results += rows
         goal.append((size, rows[2]["ratio_to_numpy"]))
+        default_goal.append((size, rows[-1]["ratio_to_numpy"]))
+
+    cycle_goal = []
+    if args.cycle_sizes:
+        print(f"backup+drop cycles, default store vs explicitly warm store (paired; "
+              f"ratio = default median / warm median)\n")
+        print(hdr.replace("x numpy", " x warm"))
+        print("-" * len(hdr))
+    for size in args.cycle_sizes:
+        src = rng.integers(0, 256, size, dtype=np.uint8)
+        first, d, w = bench_cycles(src, args.repeat)
+        warm_rec = record("cycle_warm", size, w, None)
+        wbase = warm_rec["gbps_median"]
+        rows = [record("cycle_default_first", size, [first], wbase, "cold: first cycle"),
+                record("cycle_default", size, d, wbase, "defaults, after the first cycle"),
+                warm_rec | {"note": "warm_slack=2x size, warmed up"}]
+        for rec in rows:
+            print(f"{rec['scenario']:<20}{fmt_size(size):>6}{rec['repeats']:>3}"
+                  f"{rec['gbps_median']:>13.2f}{rec['gbps_best']:>11.2f}"
+                  f"{rec['ratio_to_numpy']:>8.2f}x  {rec['note']}".rstrip())
+        print()
+        for rec in rows:
+            rec["ratio_to_warm"] = rec.pop("ratio_to_numpy")
+        results += rows
+        cycle_goal.append((size, rows[1]["ratio_to_warm"]))
 
     parts = [f"{fmt_size(s)} {'met' if r >= GOAL else 'NOT met'} ({r:.2f}x)" for s, r in goal]
     print(f"goal: warm store write >= {GOAL}x numpy copy (medians): " + ", ".join(parts))
     print("goal " + ("met at every size" if all(r >= GOAL for _, r in goal)
                      else "NOT met at every size"))
+    parts = [f"{fmt_size(s)} {'met' if r >= GOAL else 'NOT met'} ({r:.2f}x)" for s, r in default_goal]
+    print(f"goal: default-store write >= {GOAL}x numpy copy (medians): " + ", ".join(parts))
+    parts = [f"{fmt_size(s)} {'met' if r >= CYCLE_GOAL else 'NOT met'} ({r:.2f}x)"
+             for s, r in cycle_goal]
+    if parts:
+        print(f"goal: default-store cycle >= {CYCLE_GOAL}x warm-store cycle (medians): "
+              + ", ".join(parts))
 
     if args.json:
         doc = {"device": "host", "backend": "host", "date": date, "machine": machine,

@@ -82,14 +82,41 @@ def test_page_sizes(make_store, rng, page_size):
     np.testing.assert_array_equal(readback(s, h), data)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.sampled_from(["backup", "drop", "read"]), st.integers(0, 40),
-                              st.integers(0, 2**32 - 1)), max_size=30))
-def test_random_sequences_match_a_model(make_store, ops):
-    """Random backup/drop/read sequences against a plain dict model of the bytes."""
-    s = make_store(256 * PS, warm_slack=32 * PS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["backup", "drop", "read", "reclaim", "pressure",
+                                               "trim", "prefault", "alloc"]),
+                              st.integers(0, 40), st.integers(0, 2**32 - 1)), max_size=30),
+       slack=st.sampled_from([0, 32 * PS, None]))
+def test_random_sequences_match_a_model(make_store, ops, slack):
+    """Random backup/drop/read sequences, with the pool growing, decaying, shrinking under
+    pressure and trimmed, against a plain dict model of the bytes; after every step each
+    slot is in exactly one state (no page lost or owned twice)."""
+    clock = [0.0]
+    kw = {} if slack is None else {"warm_slack": slack}
+    s = make_store(256 * PS, background=False, clock=lambda: clock[0], warm_decay=5.0, **kw)
     model: dict[int, bytes] = {}
     for op, n, seed in ops:
+        clock[0] += n / 10
+        if op == "reclaim":
+            s.reclaim()
+        elif op == "pressure":
+            s.watermark, old = 1 << 62, s.watermark
+            s.reclaim()
+            s.watermark = old
+            if make_store.kind == "shmem":
+                assert s.bytes_warm == 0
+        elif op == "trim":
+            s.trim()
+            assert s.bytes_warm == 0
+        elif op == "prefault":
+            s.prefault(n * PS)
+        elif op == "alloc" and n <= s.npages - len(model):
+            h = s.alloc(n, populate=bool(seed & 1))
+            data = pages(np.random.default_rng(seed), n)
+            s.write(h, data)
+            for i, x in enumerate(h.tolist()):
+                assert x not in model
+                model[x] = data[i * PS:(i + 1) * PS].tobytes()
         r = np.random.default_rng(seed)
         if op == "backup":
             data = pages(r, n)
@@ -101,7 +128,7 @@ def test_random_sequences_match_a_model(make_store, ops):
             for i, x in enumerate(h.tolist()):
                 assert x not in model
                 model[x] = data[i * PS:(i + 1) * PS].tobytes()
-        elif model:
+        elif op in ("drop", "read") and model:
             keys = np.array(sorted(model), np.int64)
             pick = r.choice(keys, size=min(n, keys.size), replace=False)
             if op == "drop":
@@ -112,6 +139,9 @@ def test_random_sequences_match_a_model(make_store, ops):
                 out = readback(s, pick)
                 assert out.tobytes() == b"".join(model[x] for x in pick.tolist())
         assert s.bytes_used == len(model) * PS
+        audit = s._audit()
+        assert audit["used"] == len(model) and audit["busy"] == 0
+        assert audit["warm"] * PS == s.bytes_warm <= max(s.warm_slack, s._prefault_target * PS)
     keys = np.array(sorted(model), np.int64)
     assert readback(s, keys).tobytes() == b"".join(model[x] for x in keys.tolist())
 
