@@ -430,6 +430,31 @@ def test_replacement_made_inside_the_hook_is_left_in_place(cupy_allocator_guard)
         assert not isinstance(ei.value, gb.OutOfDeviceMemory)
 
 
+@pytest.mark.timeout(20)
+def test_an_abandoned_hook_block_is_not_undone_by_garbage_collection(cupy_allocator_guard):
+    """A cupy_allocator() block entered and never exited (its manager closed instead) must
+    not uninstall from a garbage collection: that can run on a thread holding the hook
+    lock (inside another uninstall's logging, say) and would deadlock there."""
+    import gc
+
+    from gpu_backup.device import cupy_hook
+
+    cupy = cupy_allocator_guard
+    dev = FakeDevice(1000)
+    cupy.cuda.set_allocator(dev.malloc)
+    with host_mgr() as mgr:
+        cm = mgr.cupy_allocator()
+        cm.__enter__()
+        hook = mgr._cupy_hook
+        assert hook.installed
+        del cm
+        with cupy_hook._LOCK:      # a collection while this thread holds the lock
+            gc.collect()
+        assert hook.installed       # nothing ran: the block was abandoned, not exited
+    assert not hook.installed       # close() uninstalled it
+    assert cupy.cuda.get_allocator() == dev.malloc
+
+
 def test_using_allocator_is_thread_local_and_bypasses_the_hook(cupy_allocator_guard):
     """Documented: a thread inside cupy.cuda.using_allocator(f) allocates with f, not with
     the global hook; entering cupy_allocator() there is refused; leaving works anywhere."""

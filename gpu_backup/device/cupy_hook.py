@@ -25,11 +25,10 @@ not reclaimed.  Entering ``cupy_allocator()`` inside ``using_allocator`` is refu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ClosedError
@@ -130,6 +129,7 @@ class CupyAllocatorHook:
             import cupy
         except ImportError as e:
             raise RuntimeError(f"cupy_allocator() needs CuPy: {e}") from e
+        replaced = None
         with _LOCK:
             if self._dispatcher is not None:
                 raise RuntimeError("the CuPy allocator hook is already installed")
@@ -145,17 +145,24 @@ class CupyAllocatorHook:
             d = _state["active"]
             if d is None or current is not d:
                 if d is not None and d.hooks:
-                    log.warning("the CuPy allocator was replaced while gpu_backup's hook was "
-                                "installed; the new hook wraps the replacement %r", current)
+                    replaced = current
                 d = _Dispatcher(current)
                 cupy.cuda.set_allocator(d)
                 _state["active"] = d
             d.hooks = (*d.hooks, self)
             self._dispatcher = d
+        if replaced is not None:
+            log.warning("the CuPy allocator was replaced while gpu_backup's hook was "
+                        "installed; the new hook wraps the replacement %r", replaced)
 
     def uninstall(self) -> None:
         """Leave the chain; the last hook to leave puts back the allocator the dispatcher
-        replaced.  Idempotent; works from any thread, inside ``using_allocator`` too."""
+        replaced.  Idempotent; works from any thread, inside ``using_allocator`` too.
+
+        Nothing under the lock can reach another ``uninstall`` (the lock is not reentrant):
+        the warning is logged after it is released, and :meth:`active` is a plain context
+        manager, so garbage collection never runs an ``uninstall`` of its own."""
+        replaced = None
         with _LOCK:
             d = self._dispatcher
             if d is None:
@@ -170,17 +177,18 @@ class CupyAllocatorHook:
             if _off_using_allocator(cp, cp.cuda.get_allocator) is d:
                 _off_using_allocator(cp, lambda: cp.cuda.set_allocator(d.base))
             else:
-                log.warning("the CuPy allocator was replaced while gpu_backup's hook was "
-                            "installed; the replacement stays (gpu_backup's dispatcher, if it "
-                            "still reaches it, passes straight through to %r)", d.base)
+                replaced = d.base
+        if replaced is not None:
+            log.warning("the CuPy allocator was replaced while gpu_backup's hook was "
+                        "installed; the replacement stays (gpu_backup's dispatcher, if it "
+                        "still reaches it, passes straight through to %r)", replaced)
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        self.install()
-        try:
-            yield
-        finally:
-            self.uninstall()
+    def active(self) -> _Active:
+        """A context manager: :meth:`install` on entry, :meth:`uninstall` on exit.  Not a
+        generator: one dropped without being exited leaves the hook installed until the
+        manager closes, instead of uninstalling from inside a garbage collection (which
+        can run while this thread holds the lock)."""
+        return _Active(self)
 
     # ------------------------------------------------------------ allocation
     def _on_error(self, nbytes: int, error: Exception, hooks: tuple[CupyAllocatorHook, ...],
@@ -269,6 +277,21 @@ class CupyAllocatorHook:
     def _count(self, key: str, n: int) -> None:
         with self._stats_lock:
             self.stats[key] += n
+
+
+class _Active:
+    """``with hook.active():`` -- installs on entry, uninstalls on exit, nothing else."""
+
+    __slots__ = ("_hook",)
+
+    def __init__(self, hook: CupyAllocatorHook) -> None:
+        self._hook = hook
+
+    def __enter__(self) -> None:
+        self._hook.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self._hook.uninstall()
 
 
 def _shrink(mgr: BufferManager, nbytes: int) -> int:
