@@ -269,3 +269,24 @@ def test_bad_arguments_are_refused_before_any_work():
         torchstep.run("host", modes=("nope",))
     with pytest.raises(ValueError, match="width=0 must be >= 1"):
         torchstep.run("host", width=0)
+
+
+def test_pinned_memory_counts_only_what_the_run_hands_out():
+    """save_on_cpu's pinned figure: torch's pinned blocks in use during the run, above
+    those earlier work still held; the allocator's cache does not count (a fake torch.cuda
+    with torch's statistics names: the real one needs a GPU)."""
+    stats = {"active_bytes.current": 3 << 20, "active_bytes.peak": 9 << 20,
+             "allocated_bytes.peak": 64 << 20}
+
+    def reset():
+        stats["active_bytes.peak"] = stats["active_bytes.current"]
+
+    cuda = types.SimpleNamespace(host_memory_stats=lambda: dict(stats),
+                                 reset_peak_host_memory_stats=reset)
+    fake = types.SimpleNamespace(cuda=cuda)
+    start = torchstep._pinned_start(fake)
+    assert start == 3 << 20 and stats["active_bytes.peak"] == 3 << 20    # peak was reset
+    stats["active_bytes.peak"] = 40 << 20                                # the run pins 37 MiB
+    assert torchstep._pinned_peak(fake, start) == 37 << 20
+    old = types.SimpleNamespace(cuda=types.SimpleNamespace())           # no statistics
+    assert torchstep._pinned_start(old) is None and torchstep._pinned_peak(old, None) is None

@@ -14,8 +14,9 @@ interleaved so that every mode sees the same machine noise:
 
 Per mode (one row each): median step time (forward, backward, optimizer step,
 synchronised), the step's peak device memory (torch's allocations above the step's start
-plus the manager's buffers), pinned host memory (torch's pinned allocator for
-``save_on_cpu``; the staging ring for the offload modes), evictions and restores, and
+plus the manager's buffers), pinned host memory (``save_on_cpu``: the peak of torch's
+pinned blocks in use during the run, not counting its cache, so a lower bound of what it
+pins; the offload modes: their staging ring), evictions and restores, and
 whether the losses match ``none`` bit for bit.  On the host backend tensors are CPU
 tensors, "device" memory is host RAM, torch's CPU memory is not measured, nothing is
 pinned, and every row says ``backend: host``: these are never GPU figures.
@@ -224,6 +225,7 @@ def _measure(torch: Any, gbt: Any, dev: Any, dev_arg: Any, cuda: bool, s: dict[s
     staging = Staging()
     ring_bytes = staging.slots * staging.slot_bytes
     managers: list[BufferManager] = []
+    pinned_start = _pinned_start(torch) if cuda else None
     try:
         runs = []
         for name in modes:
@@ -251,7 +253,7 @@ def _measure(torch: Any, gbt: Any, dev: Any, dev_arg: Any, cuda: bool, s: dict[s
             st = m.mgr.stats() if m.mgr is not None else {}
             buffers_peak = st.get("peak_device_bytes", 0)
             if m.name == "save_on_cpu":
-                pinned = _torch_pinned_peak(torch) if cuda else 0
+                pinned = _pinned_peak(torch, pinned_start) if cuda else 0
             else:
                 pinned = ring_bytes if (cuda and m.mgr is not None) else 0
             step_s = statistics.median(m.times)
@@ -277,13 +279,25 @@ def _measure(torch: Any, gbt: Any, dev: Any, dev_arg: Any, cuda: bool, s: dict[s
             mgr.close()
 
 
-def _torch_pinned_peak(torch: Any) -> int | None:
-    """Peak bytes of torch's pinned host allocator (active + cached), where torch reports it."""
-    fn = getattr(torch.cuda, "host_memory_stats", None)
-    if fn is None:
+def _pinned_start(torch: Any) -> int | None:
+    """Reset the peak of torch's pinned host allocator; the bytes handed out now (blocks
+    that earlier work still holds), or None where this torch does not report them."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    reset = getattr(torch.cuda, "reset_peak_host_memory_stats", None)
+    if stats is None or reset is None:
         return None
-    stats = fn()
-    return int(stats.get("allocated_bytes.all.peak", stats.get("allocated_bytes.peak", 0))) or None
+    reset()
+    return int(stats().get("active_bytes.current", 0))
+
+
+def _pinned_peak(torch: Any, start: int | None) -> int | None:
+    """Peak pinned bytes handed out by torch's allocator since :func:`_pinned_start`
+    (``active_bytes``: blocks in use, not its cache, so earlier work's cached blocks do
+    not count and reused ones do), or None where this torch does not report them."""
+    if start is None:
+        return None
+    peak = torch.cuda.host_memory_stats().get("active_bytes.peak")
+    return None if peak is None else max(0, int(peak) - start)
 
 
 # -------------------------------------------------------------------- goals
