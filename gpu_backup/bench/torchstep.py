@@ -133,11 +133,11 @@ class _Mode:
         self.torch_peak = 0
 
     def step(self, x: Any, y: Any, cuda: bool, timed: bool) -> None:
-        torch = self.torch
+        torch, dev = self.torch, x.device
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         with self.ctx():
@@ -145,10 +145,10 @@ class _Mode:
             loss.backward()
         self.opt.step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
         if cuda:
-            self.torch_peak = max(self.torch_peak, torch.cuda.max_memory_allocated() - base)
+            self.torch_peak = max(self.torch_peak, torch.cuda.max_memory_allocated(dev) - base)
         if timed:
             self.times.append(dt)
         self.losses.append(loss.item())
