@@ -290,3 +290,13 @@ def test_pinned_memory_counts_only_what_the_run_hands_out():
     assert torchstep._pinned_peak(fake, start) == 37 << 20
     old = types.SimpleNamespace(cuda=types.SimpleNamespace())           # no statistics
     assert torchstep._pinned_start(old) is None and torchstep._pinned_peak(old, None) is None
+
+
+def test_summary_says_why_bench_torch_did_not_run(tmp_path):
+    (tmp_path / "torch.json").write_text("{}")       # a stale file is not read
+    lines, rc = gpucheck.summary_lines(str(tmp_path), str(tmp_path / "none.json"),
+                                       ["bench_torch|-1|0|0|no benchmarks/bench_torch.py"],
+                                       "gpu")
+    text = "\n".join(lines)
+    assert "[n/a]    bench_torch: not run: no benchmarks/bench_torch.py" in text
+    assert "bench_torch: no rows" not in text

@@ -144,12 +144,14 @@ def summary_lines(outdir: str, bench_json: str, parts: list[str],
                   mode: str = "gpu") -> tuple[list[str], int]:
     """The summary's lines and the exit status."""
     rows, failed, total = [], False, 0.0
+    not_run: dict[str, str] = {}
     for spec in parts:
         name, rc, secs, budget, *note = spec.split("|")
         rc_i, t = int(rc), float(secs)
         total += t
         if rc_i == -1:
             status = "skipped"
+            not_run[name] = note[0] if note and note[0] else "skipped"
         elif rc_i == 0:
             status = "ok"
         elif rc_i == 124:
@@ -172,7 +174,10 @@ def summary_lines(outdir: str, bench_json: str, parts: list[str],
     lines += bench
     lines += _pipeline_lines(_load(os.path.join(outdir, "pipeline.json")))
     lines += _store_lines(_load(os.path.join(outdir, "store.json")))
-    lines += _torch_lines(_load(os.path.join(outdir, "torch.json")))
+    if "bench_torch" in not_run:
+        lines.append(f"[n/a]    bench_torch: not run: {not_run['bench_torch']}")
+    else:
+        lines += _torch_lines(_load(os.path.join(outdir, "torch.json")))
     if mode == "host":
         lines += ["", "HOST MODE: no usable GPU; every figure above is a host figure, not a "
                       "GPU figure. Do not commit these under benchmarks/results/."]
