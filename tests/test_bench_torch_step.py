@@ -300,3 +300,24 @@ def test_summary_says_why_bench_torch_did_not_run(tmp_path):
     text = "\n".join(lines)
     assert "[n/a]    bench_torch: not run: no benchmarks/bench_torch.py" in text
     assert "bench_torch: no rows" not in text
+
+
+@needs_torch
+def test_each_step_is_an_sgd_step():
+    """The step the modes time updates the weights (p -= lr * grad), so equal losses in
+    later steps mean equal gradients in earlier ones."""
+    import contextlib
+
+    import torch
+
+    model = torchstep._model(torch, 8, 2, "cpu", seed=0)
+    m = torchstep._Mode(torch, "none", model, contextlib.nullcontext, None)
+    x, y = torch.randn(4, 8), torch.randint(0, 10, (4,))
+    before = [p.detach().clone() for p in model.parameters()]
+    m.step(x, y, cuda=False, timed=True)
+    assert len(m.times) == 1 and len(m.losses) == 1
+    for p, b in zip(model.parameters(), before):
+        assert p.grad is not None
+        assert torch.equal(p.detach(), b.add(p.grad, alpha=-torchstep.LR))
+    m.step(x, y, cuda=False, timed=False)
+    assert len(m.times) == 1 and m.losses[1] < m.losses[0]    # same batch: the loss fell

@@ -121,13 +121,20 @@ def _saved_bytes(torch: Any, model: Any, x: Any, y: Any, min_bytes: int) -> int:
     return total
 
 
+LR = 0.01
+
+
 class _Mode:
-    """One mode's model, optimizer, context and measurements.  The manager (if any) is
-    owned by :func:`run`, which closes it."""
+    """One mode's model, context and measurements.  The manager (if any) is owned by
+    :func:`_measure`, which closes it.
+
+    The optimizer step is plain SGD written out (``p -= lr * grad``, as
+    ``torch.optim.SGD`` without momentum does it): ``torch.optim``'s constructor imports
+    torch's compiler stack, a second or more on a small machine, for nothing here."""
 
     def __init__(self, torch: Any, name: str, model: Any, ctx: Any, mgr: Any) -> None:
         self.torch, self.name, self.model, self.ctx, self.mgr = torch, name, model, ctx, mgr
-        self.opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        self.params = list(model.parameters())
         self.times: list[float] = []
         self.losses: list[float] = []
         self.torch_peak = 0
@@ -139,11 +146,14 @@ class _Mode:
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
         t0 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
         with self.ctx():
             loss = torch.nn.functional.cross_entropy(self.model(x), y)
             loss.backward()
-        self.opt.step()
+        with torch.no_grad():
+            for p in self.params:
+                p.add_(p.grad, alpha=-LR)
         if cuda:
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
