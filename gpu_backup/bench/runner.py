@@ -1,4 +1,5 @@
-"""``gpu-backup bench``: run every scenario at every size in its own guarded step.
+"""``gpu-backup bench``: run every scenario at every size in its own guarded step, then
+``torch_step`` (a training step, :mod:`.torchstep`) once per run.
 
 A step (one group of scenarios at one size, see :data:`STEPS`) first checks, against fresh
 readings of device and host memory, that it can fit; if not it is skipped with the
