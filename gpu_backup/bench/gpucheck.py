@@ -60,10 +60,7 @@ def _mark(met: bool | None) -> str:
 def _bench_lines(doc: dict[str, Any] | None) -> tuple[list[str], bool]:
     if doc is None:
         return ["[MISSED] gpu-backup bench wrote no readable JSON"], True
-    out = []
-    for g in doc["summary"]["goals"]:
-        value = "n/a" if g["value"] is None else f"{g['value']:.3g} {g['unit']}"
-        out.append(f"{_mark(g['met'])} bench: {g['text']}: {value} ({g['detail']})")
+    out = _goal_lines("bench", doc["summary"]["goals"])
     fails = doc.get("failures", [])
     out.append(f"{_mark(not fails)} bench: every step completed"
                + ("" if not fails else f": {len(fails)} failed"))
@@ -92,7 +89,35 @@ def _bench_lines(doc: dict[str, Any] | None) -> tuple[list[str], bool]:
     uvm_skip = [x for x in doc.get("skipped", []) if x.get("step") == "uvm"]
     if not any(n.startswith("uvm_") for (n, _) in by) and uvm_skip:
         out.append(f"[n/a]    bench: uvm not run: {uvm_skip[0]['reason']}")
+    ts = doc.get("torch_step") or {}
+    out += _goal_lines("bench", ts.get("goals") or [])
+    ts_skip = [x for x in doc.get("skipped", []) if x.get("step") == "torch_step"]
+    if not ts.get("rows") and ts_skip:
+        out.append(f"[n/a]    bench: torch_step not run: {ts_skip[0]['reason']}")
     return out, bool(fails)
+
+
+def _goal_lines(part: str, goals: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for g in goals:
+        value = "n/a" if g["value"] is None else f"{g['value']:.3g} {g['unit']}"
+        out.append(f"{_mark(g['met'])} {part}: {g['text']}: {value} ({g['detail']})")
+    return out
+
+
+def _torch_lines(doc: dict[str, Any] | None) -> list[str]:
+    """bench_torch.py's goals (issue 13), evaluated from the rows of its JSON."""
+    if doc is None:
+        return ["[n/a]    bench_torch: no JSON"]
+    from .torchstep import goals
+
+    rows = doc.get("results") or []
+    if not rows:
+        return ["[n/a]    bench_torch: no rows"]
+    out = _goal_lines("bench_torch", goals(rows))
+    if rows[0].get("backend") == "host":
+        out.append("         bench_torch: host backend (CPU tensors): not GPU figures")
+    return out
 
 
 def _pipeline_lines(doc: dict[str, Any] | None) -> list[str]:
@@ -119,12 +144,14 @@ def summary_lines(outdir: str, bench_json: str, parts: list[str],
                   mode: str = "gpu") -> tuple[list[str], int]:
     """The summary's lines and the exit status."""
     rows, failed, total = [], False, 0.0
+    not_run: dict[str, str] = {}
     for spec in parts:
         name, rc, secs, budget, *note = spec.split("|")
         rc_i, t = int(rc), float(secs)
         total += t
         if rc_i == -1:
             status = "skipped"
+            not_run[name] = note[0] if note and note[0] else "skipped"
         elif rc_i == 0:
             status = "ok"
         elif rc_i == 124:
@@ -147,6 +174,10 @@ def summary_lines(outdir: str, bench_json: str, parts: list[str],
     lines += bench
     lines += _pipeline_lines(_load(os.path.join(outdir, "pipeline.json")))
     lines += _store_lines(_load(os.path.join(outdir, "store.json")))
+    if "bench_torch" in not_run:
+        lines.append(f"[n/a]    bench_torch: not run: {not_run['bench_torch']}")
+    else:
+        lines += _torch_lines(_load(os.path.join(outdir, "torch.json")))
     if mode == "host":
         lines += ["", "HOST MODE: no usable GPU; every figure above is a host figure, not a "
                       "GPU figure. Do not commit these under benchmarks/results/."]

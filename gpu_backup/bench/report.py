@@ -189,6 +189,7 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
                       "[yellow]wide[/yellow]" if spread == "wide" else spread,
                       escape(_short_note(r)), style=style)
     console.print(table)
+    _print_torch_step(doc, console)
     _print_limits(doc, console)
     if doc["skipped"]:
         console.print("[bold]skipped[/bold]")
@@ -210,12 +211,59 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
         met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "n/a"}[g["met"]]
         value = "n/a" if g["value"] is None else f"{_num(g['value'], '.3g')} {g['unit']}"
         gt.add_row(escape(g["text"]), value, met, escape(g["detail"]))
+    for g in _torch_step(doc)["goals"]:
+        met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "n/a"}[g["met"]]
+        value = "n/a" if g["value"] is None else f"{_num(g['value'], '.3g')} {g['unit']}"
+        gt.add_row(escape(g["text"]), value, met, escape(g["detail"]))
     console.print(gt)
     if doc.get("failures"):
         console.print(f"[bold red]{len(doc['failures'])} step(s) failed; every other row "
                       "above is complete[/bold red]")
     if host:
         console.print("[bold red]host backend: not GPU figures.[/bold red]")
+
+
+def _torch_step(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document's ``torch_step`` section (empty in documents from before it)."""
+    return doc.get("torch_step") or {"config": None, "rows": [], "goals": []}
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _print_torch_step(doc: dict[str, Any], console: Any) -> None:
+    """The ``torch_step`` rows: a table of their own (training steps, not copies)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = _torch_step(doc)["rows"]
+    if not rows:
+        return
+    r0 = rows[0]
+    limit = next((r["device_limit"] for r in rows if r["device_limit"] is not None), None)
+    host = r0["backend"] == "host"
+    t = Table(title=escape(f"torch_step: one training step per mode (not a copy: no link "
+                           f"ratio), torch {r0['torch']}" + (" — HOST figures" if host else "")),
+              title_justify="left",
+              caption=escape(
+                  f"model: depth {r0['depth']}, width {r0['width']}, batch {r0['batch']}; "
+                  f"saved per step {_mib(r0['saved_bytes_per_step'])}; offload's device_limit "
+                  f"{_mib(limit)}; median of {r0['steps']} steps"
+                  + ("; host: CPU tensors, torch's CPU memory not measured, nothing pinned"
+                     if host else "")),
+              caption_justify="left")
+    for col in ("mode", "step ms", "x none", "peak device", "buffers", "pinned host",
+                "evictions", "restores", "same losses"):
+        t.add_column(col, justify="left" if col in ("mode", "same losses") else "right")
+    for r in rows:
+        same = r["same_losses_as_none"]
+        t.add_row(r["mode"], _num(r["step_s"] * 1e3, ".3g"),
+                  _num(r["ratio_to_none"], ".2f"), _mib(r["peak_device_bytes"]),
+                  _mib(r["buffers_peak_bytes"]), _mib(r["pinned_host_bytes"]),
+                  str(r["evictions"]), str(r["restores"]),
+                  {True: "yes", False: "[red]NO[/red]", None: "n/a"}[same])
+    console.print(t)
 
 
 def _print_limits(doc: dict[str, Any], console: Any) -> None:
@@ -330,11 +378,60 @@ def _ylim(ax: Any, series: dict[str, list[tuple[int, float, float, float]]],
         ax.set_ylim(min(vals) / 1.5, max(vals) * 1.5)
 
 
+_MODE_COLOR = {"none": "tab:gray", "save_on_cpu": "tab:red", "offload_fits": "tab:cyan",
+               "offload": "tab:blue"}
+
+
+def _draw_torch_step(ax: Any, doc: dict[str, Any]) -> None:
+    """``torch_step``'s panel: median step time per mode (bars, IQR or range as error bars,
+    slowest to fastest below 5 steps), each labelled with its ratio to ``none``, pinned
+    host memory and evictions.  Its own axes: a training step, not a copy."""
+    rows = _torch_step(doc)["rows"]
+    if not rows:
+        why = next((s["reason"] for s in doc.get("skipped", ()) if s.get("step") == "torch_step"),
+                   None) or next((f"failed: {f['error_type']}" for f in doc.get("failures", ())
+                                  if f.get("step") == "torch_step"), "did not run")
+        ax.text(0.5, 0.5, "torch_step: " + why, transform=ax.transAxes, ha="center",
+                va="center", color="gray", wrap=True)
+        ax.set_axis_off()
+        return
+    import numpy as np
+
+    names = [r["mode"] for r in rows]
+    ms = [r["step_s"] * 1e3 for r in rows]
+    lo, hi = [], []
+    for r, m in zip(rows, ms):
+        t = np.asarray(r["step_times_s"]) * 1e3
+        a, b = (np.percentile(t, [25, 75]) if t.size >= 5 else (t.min(), t.max()))
+        lo.append(max(0.0, m - a))
+        hi.append(max(0.0, b - m))
+    y = np.arange(len(rows))
+    ax.barh(y, ms, xerr=[lo, hi], color=[_MODE_COLOR.get(n, "tab:gray") for n in names],
+            capsize=3)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    for i, r in enumerate(rows):
+        ratio = "" if r["ratio_to_none"] is None else f"{r['ratio_to_none']:.2f}x none"
+        pinned = "" if r["backend"] == "host" else f", pinned {_mib(r['pinned_host_bytes'])}"
+        ax.annotate(f" {ratio}{pinned}, {r['evictions']} evictions", (ms[i] + hi[i], i),
+                    va="center", fontsize=8)
+    ax.set_xlim(0, max(m + h for m, h in zip(ms, hi)) * 1.9)
+    ax.set_xlabel("step ms: median; bars: IQR (range < 5 steps)")
+    r0 = rows[0]
+    ax.set_title("torch_step: one training step (not a copy)\n"
+                 f"depth {r0['depth']}, width {r0['width']}, batch {r0['batch']}, "
+                 f"saved {_mib(r0['saved_bytes_per_step'])}/step"
+                 + ("\nHOST: CPU tensors, nothing pinned" if r0["backend"] == "host" else ""),
+                 fontsize=10)
+    ax.grid(True, axis="x", alpha=0.35)
+
+
 def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """One PNG from whatever rows the document has: throughput of the copies with the
     link measured in this run (left), each copy's ratio to the link of its direction
-    (middle), and the effective ratio of the scenarios that copy nothing or less (right,
-    never against the link line).  Error bars span the interquartile range of the repeats
+    (second), the effective ratio of the scenarios that copy nothing or less (third,
+    never against the link line), and ``torch_step``'s step time per mode (right, on
+    axes of its own).  Error bars span the interquartile range of the repeats
     (slowest to fastest below 5 repeats)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -347,9 +444,9 @@ def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
     eff = _series(doc, "effective_ratio")
     sizes = sorted({r["size_bytes"] for r in doc["results"]}) or doc["config"]["sizes"]
 
-    fig = Figure(figsize=(18, 7.5), layout="constrained", dpi=100)
+    fig = Figure(figsize=(23, 7.5), layout="constrained", dpi=100)
     FigureCanvasAgg(fig)
-    ax_t, ax_r, ax_e = fig.subplots(1, 3)
+    ax_t, ax_r, ax_e, ax_s = fig.subplots(1, 4, width_ratios=(1, 1, 1, 0.75))
     _draw(ax_t, tput)
     _draw(ax_r, ratio)
     _draw(ax_e, eff)
@@ -372,6 +469,7 @@ def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
     if not eff:
         ax_e.text(0.5, 0.5, "no such rows in this run", transform=ax_e.transAxes,
                   ha="center", va="center", color="gray")
+    _draw_torch_step(ax_s, doc)
     handles, labels = [], []
     for ax in (ax_t, ax_r, ax_e):
         for h, lab in zip(*ax.get_legend_handles_labels()):

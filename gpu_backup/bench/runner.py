@@ -1,4 +1,5 @@
-"""``gpu-backup bench``: run every scenario at every size in its own guarded step.
+"""``gpu-backup bench``: run every scenario at every size in its own guarded step, then
+``torch_step`` (a training step, :mod:`.torchstep`) once per run.
 
 A step (one group of scenarios at one size, see :data:`STEPS`) first checks, against fresh
 readings of device and host memory, that it can fit; if not it is skipped with the
@@ -25,6 +26,7 @@ from ..staging import Staging
 from ..store import PAGE_SIZE
 from . import hostlimits
 from . import scenarios as sc
+from . import torchstep
 from .env import machine, now_iso, versions
 from .report import HOST_NOTE, summarize
 from .sizes import SizeError, fmt_bytes, fmt_size
@@ -32,7 +34,7 @@ from .stats import Repeats
 from .uvm import uvm_times, uvm_unusable
 
 __all__ = ["BenchConfig", "Progress", "FULL_SIZES", "QUICK_SIZES", "PAGE_AT_A_TIME_CAP",
-           "STEPS", "step_needs", "device_arg", "run_bench"]
+           "STEPS", "step_needs", "device_arg", "torch_step_config", "run_bench"]
 
 log = logging.getLogger("gpu_backup.bench")
 
@@ -60,8 +62,12 @@ STEPS: dict[str, tuple[str, ...]] = {
     "oversubscribe": ("oversubscribe",),
     "uvm": ("uvm_evict", "uvm_restore"),
     "torch": ("torch_d2h", "torch_h2d"),
+    "torch_step": ("torch_step",),
 }
-"""Each step and the scenarios (result rows) it produces, in the order they run."""
+"""Each step and the scenarios (result rows) it produces, in the order they run.  Every
+step but ``torch_step`` runs once per size and adds its rows to ``results``;
+``torch_step`` runs once per run and fills ``torch_step`` (a training step per mode, not
+a copy: see :mod:`gpu_backup.bench.torchstep`)."""
 
 
 @dataclass(frozen=True)
@@ -162,9 +168,16 @@ def step_needs(step: str, size: int, on_host: bool, staging: Staging) -> tuple[i
     staging ring per repeat).  evict_zero: the buffer and its zero template.
     oversubscribe: half of 8 buffers on the device, the other half in the store, plus the
     read-back.  uvm: managed memory, on the device then on the host; the read-back.
-    torch: a tensor; a pinned tensor.  On the host backend device memory is host memory.
+    torch: a tensor; a pinned tensor.  torch_step runs once per run, whatever ``size``:
+    here the estimate for the largest model it builds (cuda, not quick), an upper bound;
+    the run checks the model it builds (:func:`torchstep.estimate_needs`).  On the host
+    backend device memory is host memory.
     """
     pinned = staging.slots * staging.slot_bytes
+    if step == "torch_step":
+        dev, host = torchstep.estimate_needs(**torchstep.sizes_for("cuda"), steps=5, warmup=1,
+                                             on_host=False, staging=staging)
+        return dev, host + size + (dev if on_host else 0)
     dev, host = {
         "link": (size, 3 * size),
         "alternatives": (size, 3 * size),
@@ -187,7 +200,10 @@ def _usable_host() -> int:
 
 
 def _why_not(backend: Any, step: str, size: int, staging: Staging) -> str | None:
-    dev, host = step_needs(step, size, backend.name == "host", staging)
+    return _why_not_bytes(backend, *step_needs(step, size, backend.name == "host", staging))
+
+
+def _why_not_bytes(backend: Any, dev: int, host: int) -> str | None:
     free_dev = backend.mem_info()[0]
     avail = _usable_host()
     if dev > free_dev:
@@ -257,15 +273,23 @@ class _Run:
         self.on_update(self.doc)
 
     def guarded(self, step: str, size: int | None, fn: Callable[[], list[dict[str, Any]]],
-                needs_check: bool = True) -> bool:
-        """Run one step: check it fits, run it, record its rows or its failure, publish."""
+                needs_check: bool = True, needs: tuple[int, int] | None = None) -> bool:
+        """Run one step: check it fits, run it, record its rows or its failure, publish.
+
+        The check uses :func:`step_needs` at ``size``, or ``needs`` (device, host bytes)
+        for a step that runs once per run (``size`` None)."""
         label = f"{fmt_size(size)} " if size else ""
         self.progress.step(f"{label}{step}")
-        if needs_check and size is not None:
-            why = _why_not(self.backend, step, size, self.cfg.staging)
+        if needs_check and (size is not None or needs is not None):
+            def why_not() -> str | None:
+                if needs is not None:
+                    return _why_not_bytes(self.backend, *needs)
+                assert size is not None
+                return _why_not(self.backend, step, size, self.cfg.staging)
+            why = why_not()
             if why is not None:
                 _release_caches(self.mgr)
-                why = _why_not(self.backend, step, size, self.cfg.staging)
+                why = why_not()
             if why is not None:
                 self.doc["skipped"].append(_skip(step, size, why))
                 self.update()
@@ -306,6 +330,9 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None,
         no_torch = torch_unusable(backend)
         if no_torch:
             skipped.append(_skip("torch", None, no_torch))
+        no_torch_step = torchstep.unusable(backend)
+        if no_torch_step:
+            skipped.append(_skip("torch_step", None, no_torch_step))
         if backend.name != "cuda":
             skipped.append(_skip("uvm", None, f"the backend is {backend.name}: managed memory "
                                               "and its prefetches need a CUDA GPU"))
@@ -322,7 +349,8 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None,
                                       f"(one copy call per 4 KiB is slow); not run at "
                                       f"{', '.join(fmt_size(s) for s in above)}"})
         per_size = 5 + (backend.name == "cuda") + (no_torch is None)
-        steps = cfg.host_limits + sum(per_size + (s >= OVERSUB_MIN) for s in sizes)
+        steps = (cfg.host_limits + sum(per_size + (s >= OVERSUB_MIN) for s in sizes)
+                 + (no_torch_step is None))
         header = (f"backend {backend.name} ({backend.reason}); device {backend.device_name}; "
                   f"sizes {', '.join(fmt_size(s) for s in sizes)}")
         if backend.name == "host":
@@ -340,6 +368,8 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None,
             run.guarded("host_limits", None, limits, needs_check=False)
         for size in sizes:
             _run_size(run, size, with_torch=no_torch is None)
+        if no_torch_step is None:      # last: torch's caches never crowd the other steps
+            _run_torch_step(run)
         progress.step("done")
     return doc
 
@@ -377,6 +407,7 @@ def _document(cfg: BenchConfig, mgr: BufferManager, sizes: list[int], dev_free: 
         },
         "steps": {k: list(v) for k, v in STEPS.items()},
         "results": [],
+        "torch_step": {"config": None, "rows": [], "goals": []},
         "skipped": skipped,
         "failures": [],
     }
@@ -394,6 +425,29 @@ def _bound(run: _Run, row: dict[str, Any], op: str, link: dict[str, float] | Non
     row.update(bound_gbps=b["bound_gbps"], bound_by=b["bound_by"], bound_what=b["what"],
                host_gbps=b["host_gbps"],
                ratio_to_bound=row["gbps"] / b["bound_gbps"])
+
+
+def torch_step_config(backend: Any, cfg: BenchConfig) -> dict[str, Any]:
+    """The ``torch_step`` arguments for this backend and config: smaller with ``quick``."""
+    return {**torchstep.sizes_for(backend.name, cfg.quick),
+            "steps": torchstep.QUICK_STEPS if cfg.quick else 5, "warmup": 1, "limit": 0.5,
+            "seed": cfg.seed}
+
+
+def _run_torch_step(run: _Run) -> None:
+    """The ``torch_step`` step, once per run: its rows and goals go to ``torch_step``."""
+    tcfg = torch_step_config(run.backend, run.cfg)
+    needs = torchstep.estimate_needs(tcfg["batch"], tcfg["width"], tcfg["depth"],
+                                     steps=tcfg["steps"], warmup=tcfg["warmup"],
+                                     on_host=run.backend.name == "host",
+                                     staging=run.cfg.staging)
+
+    def step() -> list[dict[str, Any]]:
+        rows = torchstep.run(device_arg(run.backend), **tcfg)
+        run.doc["torch_step"] = {"config": tcfg, "rows": rows, "goals": torchstep.goals(rows)}
+        return []
+
+    run.guarded("torch_step", None, step, needs=needs)
 
 
 def _run_size(run: _Run, size: int, *, with_torch: bool) -> None:
