@@ -53,21 +53,6 @@ def batches(torch: Any, n: int, batch: int, width: int, device: Any) -> list[tup
              torch.randint(0, 10, (batch,), generator=g).to(device)) for _ in range(n)]
 
 
-def saved_bytes(torch: Any, model: Any, x: Any, y: Any, min_bytes: int) -> int:
-    """Bytes of the tensors autograd saves in one step, of at least ``min_bytes``."""
-    total = 0
-
-    def pack(t: Any) -> Any:
-        nonlocal total
-        n = t.numel() * t.element_size()
-        total += n if n >= min_bytes else 0
-        return t.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        torch.nn.functional.cross_entropy(model(x), y)
-    return total
-
-
 def train(torch: Any, model: Any, data: list[tuple[Any, Any]], offload: Any = None
           ) -> list[float]:
     """Plain SGD; one loss per step.  ``offload``: a callable returning the context that
@@ -113,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sizes(backend)
     min_bytes = s["batch"] * s["width"] * 4 // 2          # every activation, not the biases
     data = batches(torch, args.steps, s["batch"], s["width"], device)
-    act = saved_bytes(torch, make_model(torch, s["width"], s["depth"], device), *data[0], min_bytes)
+    model, (x, y) = make_model(torch, s["width"], s["depth"], device), data[0]
+    act = gbt.saved_bytes(lambda: torch.nn.functional.cross_entropy(model(x), y),
+                          min_bytes=min_bytes)
     limit = act // 3
     print(f"backend: {backend} ({reason}); torch {torch.__version__} on {device}")
     if backend == "host":

@@ -548,3 +548,15 @@ def test_bench_torch_rows_on_host():
     assert by["offload_fits"]["evictions"] == 0 and by["offload_fits"]["buffers_peak_bytes"] > 0
     with pytest.raises(ValueError, match="modes must be among"):
         bench_torch.run("host", modes=("nope",))
+
+
+@needs_torch
+def test_saved_bytes_counts_what_autograd_saves():
+    a = torch.randn(1000, requires_grad=True)          # float32: 4,000 B
+    b = torch.randn(1000, dtype=torch.float64)          # 8,000 B, needs no gradient
+    # a * b saves b alone (a's gradient needs it; b needs none); exp saves its float64
+    # result; sum saves nothing
+    assert gbt.saved_bytes(lambda: (a * b).exp().sum()) == 8000 + 8000
+    assert gbt.saved_bytes(lambda: (a * b).exp().sum(), min_bytes=8001) == 0
+    assert gbt.saved_bytes(lambda: (a * a).sum()) == 4000 + 4000   # a saved twice
+    assert gbt.saved_bytes(lambda: a.sum()) == 0

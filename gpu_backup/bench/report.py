@@ -52,8 +52,10 @@ _NICE = [m * 10.0 ** e for e in range(-4, 5) for m in (1, 2, 5)]
 
 
 # ------------------------------------------------------------------ summary
-def _goal(name: str, text: str, value: float | None, threshold: float, op: str, unit: str,
-          detail: str) -> dict[str, Any]:
+def goal(name: str, text: str, value: float | None, threshold: float, op: str, unit: str,
+         detail: str) -> dict[str, Any]:
+    """One goal row: the measured ``value`` against ``threshold`` (``op`` is ``>=`` or
+    ``<=``); ``met`` is None when the value was not measured."""
     met = None
     if value is not None:
         met = value >= threshold if op == ">=" else value <= threshold
@@ -87,16 +89,16 @@ def summarize(results: list[dict[str, Any]], backend: str,
         value = worst["ratio_to_link"]
     else:
         value, detail = None, f"not evaluated: no size >= {fmt_size(BIG)} ran"
-    goals.append(_goal("evict_restore_vs_link",
+    goals.append(goal("evict_restore_vs_link",
                        f"evict and restore >= 0.9x link (sizes >= {fmt_size(BIG)})",
                        value, 0.9, ">=", "x link", detail))
 
     value, detail = _ratio_at_largest_common(by, "evict", "page_at_a_time")
-    goals.append(_goal("evict_vs_page_at_a_time", "evict >= 10x page_at_a_time (largest common size)",
+    goals.append(goal("evict_vs_page_at_a_time", "evict >= 10x page_at_a_time (largest common size)",
                        value, 10.0, ">=", "x", detail))
 
     value, detail = _ratio_at_largest_common(by, "evict", "pageable")
-    goals.append(_goal("evict_vs_pageable", "evict >= 2x pageable (largest common size)",
+    goals.append(goal("evict_vs_pageable", "evict >= 2x pageable (largest common size)",
                        value, 2.0, ">=", "x", detail))
 
     rt = by.get(("evict_restore", SMALL_RT))
@@ -106,7 +108,7 @@ def summarize(results: list[dict[str, Any]], backend: str,
                   f"{rt['repeats']} repeats")
     else:
         value, detail = None, f"not evaluated: {fmt_size(SMALL_RT)} did not run"
-    goals.append(_goal("small_roundtrip_latency", f"{fmt_size(SMALL_RT)} evict+restore p50 <= 100 us",
+    goals.append(goal("small_roundtrip_latency", f"{fmt_size(SMALL_RT)} evict+restore p50 <= 100 us",
                        value, 100.0, "<=", "us", detail))
 
     evaluated = [g for g in goals if g["evaluated"]]

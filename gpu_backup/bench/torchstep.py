@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from ..manager import BufferManager
+from .report import goal as _goal
 from ..staging import Staging
 
 __all__ = ["MODES", "SIZES", "QUICK_SIZES", "QUICK_STEPS", "OFFLOAD_FITS_GOAL", "run",
@@ -105,20 +106,6 @@ def _model(torch: Any, width: int, depth: int, device: Any, seed: int) -> Any:
         layers += [torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.LayerNorm(width)]
     layers.append(torch.nn.Linear(width, 10))
     return torch.nn.Sequential(*layers).to(device)
-
-
-def _saved_bytes(torch: Any, model: Any, x: Any, y: Any, min_bytes: int) -> int:
-    total = 0
-
-    def pack(t: Any) -> Any:
-        nonlocal total
-        n = t.numel() * t.element_size()
-        total += n if n >= min_bytes else 0
-        return t.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        torch.nn.functional.cross_entropy(model(x), y)
-    return total
 
 
 LR = 0.01
@@ -229,8 +216,12 @@ def _measure(torch: Any, gbt: Any, dev: Any, dev_arg: Any, cuda: bool, s: dict[s
     data = [(torch.randn(s["batch"], s["width"], generator=g).to(dev),
              torch.randint(0, 10, (s["batch"],), generator=g).to(dev))
             for _ in range(warmup + steps)]
-    saved = _saved_bytes(torch, _model(torch, s["width"], s["depth"], dev, seed), *data[0],
-                         min_bytes)
+    from ..torch import saved_bytes
+
+    x0, y0 = data[0]
+    model0 = _model(torch, s["width"], s["depth"], dev, seed)
+    saved = saved_bytes(lambda: torch.nn.functional.cross_entropy(model0(x0), y0),
+                         min_bytes=min_bytes)
     device_limit = max(1, int(saved * limit))
     staging = Staging()
     ring_bytes = staging.slots * staging.slot_bytes
@@ -311,15 +302,6 @@ def _pinned_peak(torch: Any, start: int | None) -> int | None:
 
 
 # -------------------------------------------------------------------- goals
-def _goal(name: str, text: str, value: float | None, threshold: float, op: str, unit: str,
-          detail: str) -> dict[str, Any]:
-    met = None
-    if value is not None:
-        met = value >= threshold if op == ">=" else value <= threshold
-    return {"goal": name, "text": text, "value": value, "threshold": threshold, "op": op,
-            "unit": unit, "met": met, "evaluated": value is not None, "detail": detail}
-
-
 def _ms(r: dict[str, Any]) -> str:
     return f"{r['mode']} {r['step_s'] * 1e3:.3g} ms"
 

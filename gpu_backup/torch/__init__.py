@@ -7,6 +7,7 @@ torch.  Needs PyTorch (``pip install gpu-backup[torch]``).
   memory inside ``access()``; torch's current stream is the stream passed to ``access()``.
 - :func:`offload_saved_tensors`: autograd's saved tensors kept in buffers of a manager,
   evicted only when the manager runs short, restored only if evicted.
+- :func:`saved_bytes`: what autograd saves in a step, to size a ``device_limit``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
     raise ImportError(f"gpu_backup.torch needs PyTorch ({e}); install it, e.g. "
                       f"pip install 'gpu-backup[torch]'") from e
 
-from ._offload import DEFAULT_MIN_BYTES, LEFT_REASONS, SavedTensorOffload, offload_saved_tensors
+from ._offload import (
+    DEFAULT_MIN_BYTES,
+    LEFT_REASONS,
+    SavedTensorOffload,
+    offload_saved_tensors,
+    saved_bytes,
+)
 from ._view import tensor_access, torch_device, torch_stream
 
 del _torch
@@ -27,6 +34,7 @@ __all__ = [
     "LEFT_REASONS",
     "SavedTensorOffload",
     "offload_saved_tensors",
+    "saved_bytes",
     "tensor_access",
     "torch_device",
     "torch_stream",

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..buffer import Buffer
     from ..manager import BufferManager
 
-__all__ = ["SavedTensorOffload", "offload_saved_tensors"]
+__all__ = ["SavedTensorOffload", "offload_saved_tensors", "saved_bytes"]
 
 log = logging.getLogger("gpu_backup")
 
@@ -301,3 +301,20 @@ def offload_saved_tensors(mgr: BufferManager, *, min_bytes: int = DEFAULT_MIN_BY
         except BaseException:
             hooks.release()
             raise
+
+
+def saved_bytes(fn: Any, *args: Any, min_bytes: int = 0, **kwargs: Any) -> int:
+    """Bytes of the tensors autograd saves while running ``fn(*args, **kwargs)`` (each of
+    at least ``min_bytes``): what :func:`offload_saved_tensors` would take into buffers, to
+    size a ``device_limit``.  Runs ``fn`` once; nothing is kept."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        n = t.numel() * t.element_size()
+        total += n if n >= min_bytes else 0
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args, **kwargs)
+    return total
