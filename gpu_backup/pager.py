@@ -1,0 +1,367 @@
+"""Page movement for one buffer at a time: evict, restore, zero runs, forgetting backups,
+releasing device memory.  Data flows one way: manager -> pager -> staging -> store.
+
+The manager owns the public API, the locks and the accounting; it calls the pager with a
+buffer's lock held (or, for a freed buffer, with the buffer unreachable).  The pager owns
+no state of its own beyond its collaborators: a buffer's :class:`~gpu_backup.buffer._Pages`
+holds everything, including the events the pager must wait for before the buffer's device
+memory may be released (``uses``: the users' work; ``last``: the last copy the pipeline
+enqueued on it; ``fresh``: the allocation guard of a block from another stream's pool).
+
+Ordering rules that make every interruption point consistent and retryable:
+
+* the page table changes before the store (a handle leaves the table, then it is dropped;
+  a leaked page is possible, a page referenced after its drop is not);
+* device memory is released only after a host wait on every event above;
+* multi-step bookkeeping that cannot be ordered so runs with Ctrl-C deferred
+  (:func:`~gpu_backup._interrupts.deferred_interrupts`, microseconds, never a wait).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _faults
+from ._interrupts import deferred_interrupts
+from ._runs import expand_runs, runs_of
+from .buffer import PURGED_PAGE, ZERO_PAGE, _Pages
+from .errors import BufferFreedError, BufferPurgedError
+from .staging import LateEvent, StagingRing, record_or_late
+
+if TYPE_CHECKING:
+    from .buffer import Buffer
+    from .kernels import PageScanner
+    from .store.protocol import PageStore
+
+__all__ = ["Pager"]
+
+log = logging.getLogger("gpu_backup")
+
+
+class Pager:
+    """Moves buffers' pages between the device and the store through the staging ring.
+
+    Parameters
+    ----------
+    backend, store, ring, scanner
+        The manager's device backend, page store, staging ring and page scanner (not
+        owned: the manager closes them).
+    page_size
+        Bytes per page.
+    device_alloc
+        ``device_alloc(nbytes)``: the manager's accounted allocation (may reclaim).
+    released
+        ``released(nbytes)``: the manager's accounting of device bytes given back.
+    count
+        ``count(**deltas)``: adds to the manager's statistics.
+    zero_scan
+        ``zero_scan()``: whether to scan for zero pages now; ``zero_scan_failed()`` turns
+        it off after a scan that cannot work here.
+    """
+
+    def __init__(self, *, backend: Any, store: PageStore, ring: StagingRing, scanner: PageScanner,
+                 page_size: int, device_alloc: Callable[[int], Any],
+                 released: Callable[[int], None], count: Callable[..., None],
+                 zero_scan: Callable[[], bool], zero_scan_failed: Callable[[], None]) -> None:
+        self.backend = backend
+        self.store = store
+        self.ring = ring
+        self.scanner = scanner
+        self.page_size = page_size
+        self._device_alloc = device_alloc
+        self._released = released
+        self._count = count
+        self._zero_scan = zero_scan
+        self._zero_scan_failed = zero_scan_failed
+        self.zero_run_pages = max(1, -(-ring.config.zero_run_bytes // page_size))
+
+    # ---------------------------------------------------------------- waits
+    def _wait_for(self, events: list[Any]) -> None:
+        """Host waits on exactly these events (blocking events: no core spins)."""
+        if events:
+            with self.backend.activate():
+                for e in events:
+                    e.synchronize()
+
+    def wait_idle(self, p: _Pages) -> None:
+        """Wait until no work touches ``p.mem``: the users' pending uses, the allocation
+        guard and the pipeline's last copy.  Interruptible; changes nothing."""
+        events = p.uses.pending()
+        if p.fresh is not None:
+            events.append(p.fresh)
+        if p.last is not None:
+            events.append(p.last)
+        self._wait_for(events)
+        p.uses.clear()
+        p.fresh = p.last = None
+
+    # -------------------------------------------------------------- evict
+    def evict(self, buf: Buffer, p: _Pages) -> int:
+        """Evict ``buf`` (its lock held, not in ``access()``, memory present).  Returns the
+        device bytes freed.  On failure the buffer keeps its memory and the pages already
+        in the store; running it again finishes the job."""
+        t0 = time.perf_counter()
+        p.plain = False
+        _faults.point("evict.begin")
+        self.wait_idle(p)          # eviction follows every pending use (host wait, this buffer only)
+        _faults.point("evict.idle")
+        if buf.purgeable:
+            return self._purge(buf, p)
+        todo = np.flatnonzero(p.valid & (p.table == 0))
+        zero = 0
+        if self._zero_scan() and todo.size:
+            todo, zero = self._skip_zero_runs(p, todo)
+        copied = todo.size * self.page_size
+        if todo.size:
+            self._copy_out(p, todo)
+        _faults.point("evict.copied")
+        freed = self.release_mem(p)
+        dt = time.perf_counter() - t0
+        self._count(evictions=1, bytes_evicted=freed, bytes_copied_out=copied, zero_pages=zero,
+                    evict_seconds=dt, clean_evictions=int(not copied))
+        log.debug("evicted buffer #%d: %d B freed, %d B copied in %.3f ms", buf.id, freed,
+                  copied, dt * 1e3)
+        return freed
+
+    def _purge(self, buf: Buffer, p: _Pages) -> int:
+        with deferred_interrupts():          # table first, then the store
+            live = p.table[p.table > 0]
+            p.table[:] = PURGED_PAGE
+        _faults.point("evict.purge.table")
+        if live.size:
+            self.store.drop(live)
+        freed = self.release_mem(p)
+        self._count(purges=1, bytes_purged=freed)
+        log.debug("purged buffer #%d (%d B)", buf.id, freed)
+        return freed
+
+    def _copy_out(self, p: _Pages, todo: np.ndarray) -> None:
+        # Slots are reserved here (StoreFullError changes nothing) and faulted in piece by
+        # piece by the ring's workers, in parallel with the device copies.
+        with deferred_interrupts():
+            handles = self.store.alloc(todo.size, populate=False)
+            p.evicting = True
+        _faults.point("evict.store_alloc")
+
+        def commit(pages: np.ndarray, h: np.ndarray) -> None:
+            p.table[pages] = h
+
+        def track(event: Any) -> None:
+            p.last = event
+
+        try:
+            self.ring.evict(p.mem, todo, handles, commit=commit, track=track)
+        except BaseException:
+            # Whatever the page table did not take is referenced nowhere: drop it.  (Read
+            # from the table itself, so an interrupt between a commit and the ring's own
+            # bookkeeping cannot drop a handle the table holds.)
+            lost = handles[p.table[todo] != handles]
+            if lost.size:
+                self.store.drop(lost)
+            raise
+
+    def _skip_zero_runs(self, p: _Pages, todo: np.ndarray) -> tuple[np.ndarray, int]:
+        """Record all-zero runs of at least ``zero_run_pages`` pages as ZERO_PAGE instead of
+        copying them; shorter zero runs travel with their neighbours (a split copy costs
+        more than the bytes it saves).  The buffer is idle (waited for) and locked."""
+        try:
+            is_zero = self.scanner.zero_pages(p.mem, p.held, self.page_size,
+                                              stream=self.backend.d2h_stream)
+        except MemoryError as e:
+            # The device is full: eviction must still work, so copy every page instead.
+            log.debug("zero-page scan skipped: %s", e)
+            return todo, 0
+        except Exception as e:  # noqa: BLE001 - e.g. the kernel fails to build here
+            log.warning("zero-page scan failed (%s: %s); turned off for this manager, pages "
+                        "are copied instead", type(e).__name__, e)
+            self._zero_scan_failed()
+            return todo, 0
+        zero = todo[is_zero[todo]]
+        if zero.size == 0:
+            return todo, 0
+        starts, lengths, _ = runs_of(zero)
+        # A zero run between two pages to copy splits one copy in two: skipped only when
+        # long.  One at the edge of a run to copy only shortens it: always skipped.
+        copy = np.zeros(p.table.shape[0] + 2, bool)     # padded: index i + 1 is page i
+        copy[todo[~is_zero[todo]] + 1] = True
+        interior = copy[starts] & copy[starts + lengths + 1]
+        skip = ~interior | (lengths >= self.zero_run_pages)
+        if not skip.any():
+            return todo, 0
+        zero = expand_runs(starts[skip], lengths[skip])
+        p.evicting = True
+        p.table[zero] = ZERO_PAGE
+        keep = np.ones(p.table.shape[0], bool)
+        keep[zero] = False
+        return todo[keep[todo]], int(zero.size)
+
+    def release_mem(self, p: _Pages) -> int:
+        """Free a buffer's device memory, after a host wait for every copy and use that
+        touches it.  Returns the bytes given back."""
+        _faults.point("release.wait")
+        self.wait_idle(p)
+        _faults.point("release.free")
+        with deferred_interrupts():
+            freed, p.held = p.held, 0
+            p.mem = None
+            p.evicting = False
+            p.plain = False
+            p.valid[:] = False
+            self._released(freed)
+        return freed
+
+    # -------------------------------------------------------------- restore
+    def make_resident(self, buf: Buffer, mode: str, user: Any) -> Any:
+        """Make ``buf`` (pinned by the caller) current on the device for ``mode``; the
+        ``user`` stream is ordered after the restore.
+
+        Device memory is allocated outside the buffer's lock (the reclaim an allocation may
+        run calls shrinkers, which may touch other buffers, or this one) and from the pool
+        of the stream that uses it first: the H2D stream for a restore, the user's for
+        ``"w"``.  A pool block is handed out in the order of its own stream, so neither
+        needs a guard that would make it wait for other work."""
+        p = buf._pages
+        held = buf.npages * self.page_size
+        with buf._lock:
+            if p.plain:
+                self._guard(p, user)
+                return p.mem if buf.npages else self.backend.alloc(0)
+            if mode != "w" and (p.table == PURGED_PAGE).any():
+                raise BufferPurgedError(
+                    f"buffer #{buf.id} ({buf.nbytes:,} B, purgeable) was discarded under memory "
+                    f"pressure; access it with mode='w' to get fresh memory")
+            need_mem = p.mem is None
+        spare = None
+        if need_mem:
+            first = user if mode == "w" else self.backend.h2d_stream
+            with self.backend.allocating_for(first):
+                spare = self._device_alloc(held)
+        try:
+            _faults.point("restore.allocated")
+            with buf._lock, self.backend.activate():
+                if buf.freed:
+                    raise BufferFreedError(f"buffer #{buf.id} was freed while being restored")
+                if p.mem is None and spare is not None:
+                    with deferred_interrupts():
+                        p.mem, p.held, spare = spare, held, None
+                if mode == "w":
+                    p.valid[:] = True      # valid first: a stale backup is still a backup
+                    self.forget_backups(p)
+                else:
+                    need = ~p.valid
+                    if need.any():
+                        with self.backend.nvtx("gpu_backup.restore"):
+                            self._restore_locked(buf, p, need, keep=mode == "r", user=user)
+                    if mode == "rw":
+                        self.forget_backups(p)
+                self._guard(p, user)
+                p.plain = mode != "r" or not (p.table != 0).any()
+                return p.mem
+        finally:
+            if spare is not None:  # another thread restored the buffer meanwhile
+                del spare
+                self._released(held)
+
+    def _guard(self, p: _Pages, user: Any) -> None:
+        """Order the user's stream after the allocation guard and the last restore copy."""
+        for attr in ("fresh", "last"):
+            e = getattr(p, attr)
+            if e is None:
+                continue
+            if e.done:
+                setattr(p, attr, None)
+            else:
+                user.wait_event(e)
+
+    def _restore_locked(self, buf: Buffer, p: _Pages, need: np.ndarray, *, keep: bool,
+                        user: Any) -> None:
+        t0 = time.perf_counter()
+        ps = self.page_size
+        pages = np.flatnonzero(need & (p.table > 0))
+        zeros = np.flatnonzero(need & (p.table == ZERO_PAGE))
+        stream = self.backend.h2d_stream
+        _faults.point("restore.begin")
+        if p.fresh is not None:          # a block from another stream's pool, never used yet
+            self._wait_for([p.fresh])
+            p.fresh = None
+
+        def commit(done: np.ndarray, h: np.ndarray) -> None:
+            with deferred_interrupts():   # table first, then the store
+                p.valid[done] = True
+                if not keep:
+                    p.table[done] = 0
+            if not keep:
+                self.store.drop(h)
+
+        def track(event: Any) -> None:
+            p.last = event
+
+        if zeros.size:
+            # One memset per zero run (runs are long: short ones were copied), enqueued
+            # before the copies so they overlap the store reads; no host wait: the user's
+            # stream waits for the final event.
+            _faults.point("restore.zero")
+            starts, lengths, _ = runs_of(zeros)
+            with deferred_interrupts():
+                try:
+                    for s, n in zip(starts.tolist(), lengths.tolist()):
+                        self.backend.memset(p.mem, s * ps, n * ps, 0, stream)
+                finally:
+                    p.last, error = record_or_late(self.backend, stream)
+                if error is not None:
+                    raise error
+                p.valid[zeros] = True
+                if not keep:
+                    p.table[zeros] = 0
+        if pages.size:
+            # the ring's final event is on the same stream: it follows the memsets too
+            self.ring.restore(p.mem, pages, p.table[pages].copy(), commit=commit, track=track)
+        _faults.point("restore.done")
+        if p.last is not None:
+            user.wait_event(p.last)
+        dt = time.perf_counter() - t0
+        self._count(restores=1, bytes_restored=min(buf.nbytes, int(need.sum()) * ps),
+                    bytes_copied_in=pages.size * ps, restore_seconds=dt)
+        log.debug("restored buffer #%d: %d pages copied, %d zero, %.3f ms", buf.id, pages.size,
+                  zeros.size, dt * 1e3)
+
+    def forget_backups(self, p: _Pages) -> None:
+        """The device copy is about to change: store copies and zero marks become stale.
+        The table forgets them first, then the store drops them."""
+        with deferred_interrupts():
+            live = p.table[p.table > 0]
+            p.table[:] = 0
+            p.evicting = False
+        _faults.point("forget.table")
+        if live.size:
+            self.store.drop(live)
+
+    # ----------------------------------------------------------------- free
+    def reap(self, buf_id: int, p: _Pages) -> None:
+        """Release a freed buffer's device memory and store pages, once (the buffer is
+        unreachable, or its lock is held and its finalizer detached)."""
+        try:
+            self.wait_idle(p)
+        except Exception as e:  # noqa: BLE001 - a failed use: the work is over either way
+            log.warning("buffer #%d: its last use failed: %s: %s", buf_id, type(e).__name__, e)
+            p.uses.clear()
+            p.fresh = None
+            if p.last is not None:
+                # a failed copy event: the copy is over too, but only a new event says so
+                if not isinstance(p.last, LateEvent):
+                    p.last = None
+        _faults.point("free.idle")
+        if p.mem is not None:
+            self.release_mem(p)
+        with deferred_interrupts():
+            live = p.table[p.table > 0]
+            p.table[:] = 0
+        _faults.point("free.table")
+        if live.size and not self.store.closed:
+            self.store.drop(live)
+
