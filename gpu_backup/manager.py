@@ -35,7 +35,7 @@ log = logging.getLogger("gpu_backup")
 
 _STAT_KEYS = ("evictions", "bytes_evicted", "bytes_copied_out", "restores", "bytes_restored",
               "bytes_copied_in", "zero_pages", "purges", "bytes_purged", "clean_evictions", "evict_seconds",
-              "restore_seconds")
+              "restore_seconds", "swaps")
 
 
 class BufferManager:
@@ -108,6 +108,7 @@ class BufferManager:
                             device_alloc=self._device_alloc, released=self._released,
                             count=self._count, zero_scan=self._zero_scan_on,
                             zero_scan_failed=self._zero_scan_failed)
+        self._pager.find_victim = self._swap_victim
         self._closed = False
         log.info("BufferManager on %s (%s): page_size=%d, staging %d x %d B, limit=%s",
                  self.backend.name, self.backend.reason, self.page_size, self._ring.config.slots,
@@ -296,6 +297,30 @@ class BufferManager:
     def _released(self, nbytes: int) -> None:
         with self._lock:
             self._device_bytes -= nbytes
+
+    def _swap_victim(self, target: Buffer, nbytes: int) -> Buffer | None:
+        """On a miss that the device limit cannot hold: the least recently used idle
+        buffer that holds at least ``nbytes``, returned with its lock held, for the pager
+        to evict while restoring ``target`` into its memory.  None when there is room, or
+        no buffer qualifies (then reclaim runs as usual)."""
+        limit = self.device_limit
+        if limit is None or self._device_bytes + nbytes <= limit:
+            return None
+        with self._lock:
+            refs = list(self._lru.values())
+        for ref in refs:
+            b = ref()
+            if (b is None or b is target or b._pins or b.purgeable or b._pages.mem is None
+                    or not nbytes <= b._pages.held <= 2 * nbytes or b._pages.uses.busy):
+                continue
+            if not b._lock.acquire(blocking=False):
+                continue
+            p = b._pages
+            if b.freed or b._pins or p.mem is None or p.held < nbytes:
+                b._lock.release()
+                continue
+            return b
+        return None
 
     def _zero_scan_on(self) -> bool:
         return self.zero_scan

@@ -20,6 +20,7 @@ Ordering rules that make every interruption point consistent and retryable:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _faults
-from ._interrupts import deferred_interrupts
+from ._interrupts import deferred_interrupts, uninterrupted
 from ._runs import expand_runs, runs_of
 from .buffer import PURGED_PAGE, ZERO_PAGE, _Pages
-from .errors import BufferFreedError, BufferPurgedError
+from .errors import BufferFreedError, BufferPurgedError, CopyError
 from .staging import LateEvent, StagingRing, record_or_late
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class Pager:
         self._zero_scan = zero_scan
         self._zero_scan_failed = zero_scan_failed
         self.zero_run_pages = max(1, -(-ring.config.zero_run_bytes // page_size))
+        # find_victim(target, nbytes): on a miss, an idle resident buffer whose memory the
+        # target may take over (returned with its lock held), or None.  Set by the manager.
+        self.find_victim: Callable[[Buffer, int], Buffer | None] | None = None
 
     # ---------------------------------------------------------------- waits
     def _wait_for(self, events: list[Any]) -> None:
@@ -237,6 +241,17 @@ class Pager:
                     f"pressure; access it with mode='w' to get fresh memory")
             need_mem = p.mem is None
         spare = None
+        if need_mem and mode != "w" and self.find_victim is not None:
+            victim = self.find_victim(buf, held)     # returned with its lock held
+            if victim is not None:
+                try:
+                    with buf._lock, self.backend.activate():
+                        mem = self._swap_locked(victim, buf, mode, user)
+                        if mem is not None:
+                            p.plain = mode != "r" or not (p.table != 0).any()
+                            return mem
+                finally:
+                    victim._lock.release()
         if need_mem:
             first = user if mode == "w" else self.backend.h2d_stream
             with self.backend.allocating_for(first):
@@ -329,6 +344,134 @@ class Pager:
                     bytes_copied_in=pages.size * ps, restore_seconds=dt)
         log.debug("restored buffer #%d: %d pages copied, %d zero, %.3f ms", buf.id, pages.size,
                   zeros.size, dt * 1e3)
+
+    # ----------------------------------------------------------------- swap
+    def _swap_locked(self, victim: Buffer, target: Buffer, mode: str, user: Any) -> Any:
+        """Restore ``target`` into ``victim``'s device memory while ``victim`` is evicted
+        from it: the D2H of the victim's pieces and the H2D of the target's run at once, on
+        the two copy streams, and a target piece starts as soon as the victim's pages under
+        it are safe in the store.  Both locks held.  Returns the target's memory, or None
+        when the pair does not qualify (the caller then evicts and allocates as usual).
+
+        On failure: the victim keeps its memory (pages already in the store are marked
+        invalid, the rest stay valid: a partial eviction), the target keeps its store pages,
+        nothing is lost and either operation can be run again."""
+        a, b = victim._pages, target._pages
+        ps = self.page_size
+        if (victim.freed or target.freed or victim._pins or victim.purgeable or a.mem is None
+                or b.mem is not None or a.held < target.npages * ps
+                or (b.table == PURGED_PAGE).any()):
+            return None
+        t0 = time.perf_counter()
+        _faults.point("swap.begin")
+        self.wait_idle(a)
+        a.plain = False
+        with deferred_interrupts():
+            a.valid &= a.table == 0            # store copies and zero marks are the truth now
+        todo = np.flatnonzero(a.valid)
+        zero = 0
+        if self._zero_scan() and todo.size:
+            todo, zero = self._skip_zero_runs(a, todo)
+            a.valid[a.table == ZERO_PAGE] = False
+        pages = np.flatnonzero(b.table > 0)
+        zeros = np.flatnonzero(b.table == ZERO_PAGE)
+        handles_b = b.table[pages].copy()
+        handles_a = np.empty(0, np.int64)
+        if todo.size:
+            with deferred_interrupts():
+                handles_a = self.store.alloc(todo.size, populate=False)
+                a.evicting = True
+        _faults.point("swap.store_alloc")
+        cond = threading.Condition()
+        state: dict[str, Any] = {"done": 0, "error": None, "finished": False, "cancel": False}
+        events: dict[str, Any] = {}
+
+        def commit_a(pg: np.ndarray, h: np.ndarray) -> None:
+            with deferred_interrupts():
+                a.table[pg] = h
+                a.valid[pg] = False      # in the store; its device bytes may be overwritten
+            with cond:
+                state["done"] += pg.size
+                cond.notify_all()
+
+        def gate_a(pg: np.ndarray) -> None:
+            if state["cancel"]:
+                raise CopyError("swap stopped: the restore beside it failed")
+
+        def gate_b(pg: np.ndarray) -> None:
+            need = int(np.searchsorted(todo, int(pg[-1]) + 1))
+            with cond:
+                while state["done"] < need:
+                    if state["finished"]:
+                        raise CopyError("swap stopped: the eviction beside it failed")
+                    cond.wait()
+
+        def evict_a() -> None:
+            try:
+                self.ring.evict(a.mem, todo, handles_a, commit=commit_a,
+                                track=lambda e: events.__setitem__("a", e), gate=gate_a)
+            except BaseException as e:  # noqa: BLE001 - reported to the swapping thread
+                state["error"] = e
+            finally:
+                with cond:
+                    state["finished"] = True
+                    cond.notify_all()
+
+        worker = threading.Thread(target=evict_a, name="gpu_backup-swap", daemon=True)
+        error: BaseException | None = None
+        try:
+            worker.start()
+            if pages.size:
+                self.ring.restore(a.mem, pages, handles_b, commit=lambda pg, h: None,
+                                  track=lambda e: events.__setitem__("b", e), gate=gate_b)
+        except BaseException as e:  # noqa: BLE001 - raised once both sides settled
+            error = e
+            state["cancel"] = True
+        _, hit = uninterrupted(worker.join)
+        if hit and error is None:
+            error = KeyboardInterrupt()
+        if state["error"] is not None:
+            lost = handles_a[a.table[todo] != handles_a]
+            if lost.size:
+                self.store.drop(lost)
+            error = error if isinstance(error, KeyboardInterrupt) else state["error"]
+        late = [e for e in (events.get("a"), events.get("b")) if e is not None]
+        if error is not None:
+            # the target's copies wrote only where the victim's pages are safe in the
+            # store, but the victim's memory must outlive them
+            uninterrupted(self._wait_for, late)
+            raise error
+        _faults.point("swap.restored")
+        stream = self.backend.h2d_stream
+        with deferred_interrupts():
+            try:
+                for s, n in zip(*(x.tolist() for x in runs_of(zeros)[:2])):
+                    self.backend.memset(a.mem, s * ps, n * ps, 0, stream)
+            finally:
+                last, rec_error = record_or_late(self.backend, stream)
+            # the block changes hands: the victim is evicted, the target resident
+            mem, held = a.mem, a.held
+            a.mem, a.held, a.evicting, a.last = None, 0, False, None
+            a.valid[:] = False
+            b.mem, b.held, b.last, b.fresh = mem, held, last, None
+            b.valid[:] = False
+            b.valid[pages] = True
+            b.valid[zeros] = True
+            if mode == "rw":
+                b.table[zeros] = 0
+        if rec_error is not None:
+            raise rec_error
+        if mode == "rw":
+            self.forget_backups(b)
+        user.wait_event(last)
+        dt = time.perf_counter() - t0
+        self._count(evictions=1, bytes_evicted=held, bytes_copied_out=todo.size * ps,
+                    zero_pages=zero, evict_seconds=dt, restores=1,
+                    bytes_restored=target.nbytes, bytes_copied_in=pages.size * ps,
+                    restore_seconds=dt, swaps=1)
+        log.debug("swapped buffer #%d out for #%d: %d + %d pages copied in %.3f ms", victim.id,
+                  target.id, todo.size, pages.size, dt * 1e3)
+        return mem
 
     def forget_backups(self, p: _Pages) -> None:
         """The device copy is about to change: store copies and zero marks become stale.

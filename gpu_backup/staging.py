@@ -160,6 +160,13 @@ def record_or_late(backend: Any, stream: Any) -> tuple[Any, BaseException | None
         return LateEvent(backend, stream), e
 
 
+def _gate_pieces(gate: Callable[[np.ndarray], None] | None, pages: np.ndarray,
+                 offs: np.ndarray, counts: np.ndarray) -> Callable[[int], None] | None:
+    if gate is None:
+        return None
+    return lambda k: gate(pages[int(offs[k]):int(offs[k]) + int(counts[k])])
+
+
 class _Slot:
     __slots__ = ("owner", "view", "event")
 
@@ -244,13 +251,15 @@ class StagingRing:
     # ------------------------------------------------------------- eviction
     def evict(self, mem: Any, pages: np.ndarray, handles: np.ndarray, *,
               commit: Callable[[np.ndarray, np.ndarray], None],
-              track: Callable[[Any], None]) -> None:
+              track: Callable[[Any], None],
+              gate: Callable[[np.ndarray], None] | None = None) -> None:
         """Copy ``pages`` (sorted indices) of device allocation ``mem`` into the store slots
         ``handles`` (allocated, one per page).  The caller has waited for every pending
         write to ``mem``.  ``commit(pages, handles)`` runs on this thread for each piece
         once its bytes are complete in the store; ``track(event)`` receives an event after
         the operation's last device copy (also on failure), which the caller keeps until
-        it releases ``mem``.
+        it releases ``mem``.  ``gate(pages)``, if given, runs on this thread before each
+        piece takes a slot; it may wait, or raise to stop the operation.
 
         On failure, raises after settling every piece.  Handles of pieces not committed are
         the caller's to drop (the caller's page table says which)."""
@@ -271,24 +280,20 @@ class StagingRing:
                 # writing into the slot, and the next user must wait for it.
                 self._release(slot, event)
 
-        def launch(k: int) -> Future[None]:
+        def start(k: int, slot: _Slot) -> Future[None]:
+            """Runs with Ctrl-C deferred; owns ``slot`` (hands it on, or releases it)."""
             o, n = int(offs[k]), int(counts[k])
-            slot = self._acquire()
             owned, event, error = True, None, None
             try:
-                _faults.point("evict.piece.launch")
                 view = slot.view[:n * ps]
-                with deferred_interrupts():
-                    try:
-                        backend.d2h(view, mem, int(pages[o]) * ps, stream)
-                    finally:
-                        event, error = record_or_late(backend, stream)
-                    if error is None:
-                        fut = self._submit(len(offs) == 1, to_store, slot, event,
-                                           handles[o:o + n], view)
-                        owned = False   # the work item owns the slot now
+                try:
+                    backend.d2h(view, mem, int(pages[o]) * ps, stream)
+                finally:
+                    event, error = record_or_late(backend, stream)
                 if error is not None:
                     raise error
+                fut = self._submit(len(offs) == 1, to_store, slot, event, handles[o:o + n], view)
+                owned = False   # the work item owns the slot now
                 return fut
             finally:
                 if owned:
@@ -299,15 +304,17 @@ class StagingRing:
             _faults.point("evict.piece.commit")
             commit(pages[o:o + n], handles[o:o + n])
 
-        self._operate(len(offs), launch, done, stream, track)
+        self._operate(len(offs), start, done, stream, track, "evict",
+                      _gate_pieces(gate, pages, offs, counts))
 
     # --------------------------------------------------------------- restore
     def restore(self, mem: Any, pages: np.ndarray, handles: np.ndarray, *,
                 commit: Callable[[np.ndarray, np.ndarray], None],
-                track: Callable[[Any], None]) -> None:
+                track: Callable[[Any], None],
+                gate: Callable[[np.ndarray], None] | None = None) -> None:
         """Copy the store pages ``handles`` back into ``pages`` of ``mem``, on the H2D
         stream.  ``commit(pages, handles)`` runs on this thread for each piece once its
-        bytes are on the device; ``track(event)`` as for :meth:`evict`.
+        bytes are on the device; ``track(event)`` and ``gate`` as for :meth:`evict`.
         On failure, raises after settling every piece; uncommitted pieces keep their handles."""
         backend = self.backend
         stream = backend.h2d_stream
@@ -332,18 +339,9 @@ class StagingRing:
             finally:
                 self._release(slot, event)
 
-        def launch(k: int) -> Future[Any]:
-            slot = self._acquire()
-            owned = True
-            try:
-                _faults.point("restore.piece.launch")
-                with deferred_interrupts():
-                    fut = self._submit(len(offs) == 1, from_store, slot, int(offs[k]), int(counts[k]))
-                    owned = False
-                return fut
-            finally:
-                if owned:
-                    self._release(slot)
+        def start(k: int, slot: _Slot) -> Future[Any]:
+            """Runs with Ctrl-C deferred; hands ``slot`` to the work item."""
+            return self._submit(len(offs) == 1, from_store, slot, int(offs[k]), int(counts[k]))
 
         def done(k: int, event: Any) -> None:
             _faults.point("restore.piece.wait")
@@ -353,7 +351,8 @@ class StagingRing:
             _faults.point("restore.piece.commit")
             commit(pages[o:o + n], handles[o:o + n])
 
-        self._operate(len(offs), launch, done, stream, track)
+        self._operate(len(offs), start, done, stream, track, "restore",
+                      _gate_pieces(gate, pages, offs, counts))
 
     def _submit(self, inline: bool, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn`` on a worker, or, for an operation of one piece, right here: a thread
@@ -369,14 +368,15 @@ class StagingRing:
         return fut
 
     # ------------------------------------------------------------ the driver
-    def _operate(self, npieces: int, launch: Callable[[int], Future[Any]],
+    def _operate(self, npieces: int, start: Callable[[int, _Slot], Future[Any]],
                  done: Callable[[int, Any], None], stream: Any,
-                 track: Callable[[Any], None]) -> None:
+                 track: Callable[[Any], None], what: str,
+                 gate: Callable[[int], None] | None) -> None:
         """One operation: counted in flight (``close()`` waits for it), its last copy event
         handed to ``track`` on every path, its error raised after every piece settled."""
         self._begin()
         try:
-            error = self._run(npieces, launch, done)
+            error = self._run(npieces, start, done, what, gate)
         finally:
             try:
                 with deferred_interrupts():
@@ -389,10 +389,15 @@ class StagingRing:
         if record_error is not None:
             raise record_error
 
-    def _run(self, npieces: int, launch: Callable[[int], Future[Any]],
-             done: Callable[[int, Any], None]) -> BaseException | None:
+    def _run(self, npieces: int, start: Callable[[int, _Slot], Future[Any]],
+             done: Callable[[int, Any], None], what: str,
+             gate: Callable[[int], None] | None = None) -> BaseException | None:
         """Launch pieces in order, commit them in order as they finish, and on failure settle
-        every piece in flight.  Returns the error to raise, if any."""
+        every piece in flight.  Returns the error to raise, if any.
+
+        A piece's slot is this thread's from ``_acquire`` until ``start`` takes it; ``start``
+        and the registration of its future run with Ctrl-C deferred, so a piece handed to a
+        worker is always in ``inflight`` (and settled below) and its slot released once."""
         inflight: deque[tuple[int, Future[Any]]] = deque()
         ncommitted = 0
         error: BaseException | None = None
@@ -404,7 +409,17 @@ class StagingRing:
 
         try:
             for k in range(npieces):
-                inflight.append((k, launch(k)))
+                if gate is not None:
+                    gate(k)
+                slot: _Slot | None = self._acquire()
+                try:
+                    _faults.point(f"{what}.piece.launch")
+                    with deferred_interrupts():
+                        taken, slot = slot, None
+                        inflight.append((k, start(k, taken)))
+                finally:
+                    if slot is not None:
+                        self._release(slot)
                 while inflight and inflight[0][1].done():
                     finish(*inflight.popleft())
             while inflight:
