@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._interrupts import deferred_interrupts
 from .errors import BufferBusyError, BufferFreedError
 
 if TYPE_CHECKING:
@@ -232,10 +231,10 @@ class Buffer:
                 raise BufferBusyError(f"buffer #{self.id} is inside access() in {self._pins} thread(s)")
             if not self._finalizer.alive:
                 return
-            self._mgr._pager.wait_idle(self._pages)   # interruptible: nothing changed yet
-            with deferred_interrupts():               # detached and released, or neither
-                if self._finalizer.detach() is not None:
-                    self._mgr._reap(self.id, self._pages)
+            # Released first, then detached: an interruption in between leaves the
+            # finalizer to finish the (idempotent) release.
+            self._mgr._reap(self.id, self._pages)
+            self._finalizer.detach()
 
     def to_host(self) -> np.ndarray:
         """A host copy of the buffer's bytes (restores it if needed; for tests and debugging)."""

@@ -44,6 +44,10 @@ __all__ = ["Pager"]
 log = logging.getLogger("gpu_backup")
 
 
+class _Stopped(CopyError):
+    """One side of a swap stopped because the other failed (that one's error is raised)."""
+
+
 class Pager:
     """Moves buffers' pages between the device and the store through the staging ring.
 
@@ -133,12 +137,12 @@ class Pager:
         return freed
 
     def _purge(self, buf: Buffer, p: _Pages) -> int:
-        with deferred_interrupts():          # table first, then the store
+        _faults.point("evict.purge")
+        with deferred_interrupts():          # table first, then the store; one step
             live = p.table[p.table > 0]
             p.table[:] = PURGED_PAGE
-        _faults.point("evict.purge.table")
-        if live.size:
-            self.store.drop(live)
+            if live.size:
+                self.store.drop(live)
         freed = self.release_mem(p)
         self._count(purges=1, bytes_purged=freed)
         log.debug("purged buffer #%d (%d B)", buf.id, freed)
@@ -150,7 +154,6 @@ class Pager:
         with deferred_interrupts():
             handles = self.store.alloc(todo.size, populate=False)
             p.evicting = True
-        _faults.point("evict.store_alloc")
 
         def commit(pages: np.ndarray, h: np.ndarray) -> None:
             p.table[pages] = h
@@ -159,6 +162,7 @@ class Pager:
             p.last = event
 
         try:
+            _faults.point("evict.store_alloc")
             self.ring.evict(p.mem, todo, handles, commit=commit, track=track)
         except BaseException:
             # Whatever the page table did not take is referenced nowhere: drop it.  (Read
@@ -211,12 +215,15 @@ class Pager:
         self.wait_idle(p)
         _faults.point("release.free")
         with deferred_interrupts():
-            freed, p.held = p.held, 0
-            p.mem = None
-            p.evicting = False
-            p.plain = False
-            p.valid[:] = False
-            self._released(freed)
+            return self._free_mem(p)
+
+    def _free_mem(self, p: _Pages) -> int:
+        freed, p.held = p.held, 0
+        p.mem = None
+        p.evicting = False
+        p.plain = False
+        p.valid[:] = False
+        self._released(freed)
         return freed
 
     # -------------------------------------------------------------- restore
@@ -306,12 +313,11 @@ class Pager:
             p.fresh = None
 
         def commit(done: np.ndarray, h: np.ndarray) -> None:
-            with deferred_interrupts():   # table first, then the store
+            with deferred_interrupts():   # table first, then the store; one step
                 p.valid[done] = True
                 if not keep:
                     p.table[done] = 0
-            if not keep:
-                self.store.drop(h)
+                    self.store.drop(h)
 
         def track(event: Any) -> None:
             p.last = event
@@ -381,7 +387,6 @@ class Pager:
             with deferred_interrupts():
                 handles_a = self.store.alloc(todo.size, populate=False)
                 a.evicting = True
-        _faults.point("swap.store_alloc")
         cond = threading.Condition()
         state: dict[str, Any] = {"done": 0, "error": None, "finished": False, "cancel": False}
         events: dict[str, Any] = {}
@@ -396,14 +401,14 @@ class Pager:
 
         def gate_a(pg: np.ndarray) -> None:
             if state["cancel"]:
-                raise CopyError("swap stopped: the restore beside it failed")
+                raise _Stopped("swap stopped: the restore beside it failed")
 
         def gate_b(pg: np.ndarray) -> None:
             need = int(np.searchsorted(todo, int(pg[-1]) + 1))
             with cond:
                 while state["done"] < need:
                     if state["finished"]:
-                        raise CopyError("swap stopped: the eviction beside it failed")
+                        raise _Stopped("swap stopped: the eviction beside it failed")
                     cond.wait()
 
         def evict_a() -> None:
@@ -420,6 +425,11 @@ class Pager:
         worker = threading.Thread(target=evict_a, name="gpu_backup-swap", daemon=True)
         error: BaseException | None = None
         try:
+            try:
+                _faults.point("swap.store_alloc")
+            except BaseException as e:   # the victim's eviction never started
+                state["error"], state["finished"] = e, True
+                raise
             worker.start()
             if pages.size:
                 self.ring.restore(a.mem, pages, handles_b, commit=lambda pg, h: None,
@@ -427,19 +437,25 @@ class Pager:
         except BaseException as e:  # noqa: BLE001 - raised once both sides settled
             error = e
             state["cancel"] = True
-        _, hit = uninterrupted(worker.join)
-        if hit and error is None:
-            error = KeyboardInterrupt()
-        if state["error"] is not None:
+        if worker.ident is not None:
+            _, hit = uninterrupted(worker.join)
+            if hit and error is None:
+                error = KeyboardInterrupt()
+        a_error = state["error"]
+        if a_error is not None:
             lost = handles_a[a.table[todo] != handles_a]
             if lost.size:
                 self.store.drop(lost)
-            error = error if isinstance(error, KeyboardInterrupt) else state["error"]
-        late = [e for e in (events.get("a"), events.get("b")) if e is not None]
+            if error is None or isinstance(error, _Stopped):
+                error = a_error       # the cause, not the restore it stopped
         if error is not None:
             # the target's copies wrote only where the victim's pages are safe in the
             # store, but the victim's memory must outlive them
+            late = [e for e in (events.get("a"), events.get("b")) if e is not None]
             uninterrupted(self._wait_for, late)
+            if a_error is None:       # the victim is wholly in the store: let its memory go
+                with deferred_interrupts():
+                    self._free_mem(a)
             raise error
         _faults.point("swap.restored")
         stream = self.backend.h2d_stream
@@ -476,35 +492,33 @@ class Pager:
     def forget_backups(self, p: _Pages) -> None:
         """The device copy is about to change: store copies and zero marks become stale.
         The table forgets them first, then the store drops them."""
-        with deferred_interrupts():
+        _faults.point("forget.begin")
+        with deferred_interrupts():       # one step: nothing leaks, nothing dangles
             live = p.table[p.table > 0]
             p.table[:] = 0
             p.evicting = False
-        _faults.point("forget.table")
-        if live.size:
-            self.store.drop(live)
+            if live.size:
+                self.store.drop(live)
 
     # ----------------------------------------------------------------- free
     def reap(self, buf_id: int, p: _Pages) -> None:
-        """Release a freed buffer's device memory and store pages, once (the buffer is
-        unreachable, or its lock is held and its finalizer detached)."""
+        """Release a freed buffer's device memory and store pages.  Idempotent: an
+        interruption before its last step leaves the rest for the next call."""
+        _faults.point("free.begin")
         try:
             self.wait_idle(p)
         except Exception as e:  # noqa: BLE001 - a failed use: the work is over either way
             log.warning("buffer #%d: its last use failed: %s: %s", buf_id, type(e).__name__, e)
             p.uses.clear()
             p.fresh = None
-            if p.last is not None:
-                # a failed copy event: the copy is over too, but only a new event says so
-                if not isinstance(p.last, LateEvent):
-                    p.last = None
+            if not isinstance(p.last, LateEvent):   # a failed copy is over too; a late
+                p.last = None                       # event still has to say so
+            self.wait_idle(p)
         _faults.point("free.idle")
-        if p.mem is not None:
-            self.release_mem(p)
-        with deferred_interrupts():
+        with deferred_interrupts():       # no waits left: memory, table, store in one step
+            if p.mem is not None:
+                self._free_mem(p)
             live = p.table[p.table > 0]
             p.table[:] = 0
-        _faults.point("free.table")
-        if live.size and not self.store.closed:
-            self.store.drop(live)
-
+            if live.size and not self.store.closed:
+                self.store.drop(live)
