@@ -71,19 +71,23 @@ class Staging:
         thread (one being filled or drained by the copy engine while the worker copies
         the other).
     slot_bytes
-        Bytes per slot: the largest single copy.  8 MiB: a ``cudaMemcpyAsync`` costs
-        ~3 us of CPU and a piece's Python hand-off ~20-30 us, against ~150 us to move
-        8 MiB at 55 GB/s, so per-piece costs stay under a fifth of the link time while
-        enough pieces are in flight to keep every worker busy.
+        Bytes per slot: the largest single copy.  8 MiB takes ~150 us at 55 GB/s, against
+        a piece's fixed cost on the launching thread (a ``cudaMemcpyAsync`` ~3 us, an
+        event, the hand-off to a worker: tens of us of Python), which the workers and the
+        copy engine overlap with other pieces; bigger slots would pin more memory for
+        little gain, smaller ones would make the fixed cost show.
     threads
         Host copy workers (slot <-> store), overlapped with the device copies.
     zero_run_bytes
-        All-zero runs at least this long are recorded as zero pages instead of copied
-        (when the manager scans); shorter ones travel with their neighbours.  Skipping a
-        run splits a copy in two, which costs one more piece (~30 us of fixed cost
-        measured on the host backend, ``benchmarks/bench_pipeline.py --pieces``); at
-        55 GB/s that is the time to copy ~1.6 MB, so runs shorter than 2 MiB cost more to
-        skip than to copy.
+        An all-zero run between two pages to copy is recorded as zero pages instead of
+        copied (when the manager scans) only if at least this long; shorter ones travel
+        with their neighbours (zero runs at the edge of a copy are always skipped: they
+        shorten it without splitting it).  Skipping an interior run splits a copy in two,
+        which costs one more piece: ~100 us of fixed cost measured on the host backend of
+        a 2-core VM (``benchmarks/bench_pipeline.py --pieces``: 64 MiB with 8 MiB against
+        256 KiB slots), the time to move ~5 MB at 55 GB/s.  Runs shorter than 4 MiB
+        therefore cost more to skip than to copy (a GPU host's figure is owed: the same
+        command with ``--device cuda``).
 
     Why these numbers: the host side must keep up with the link on its own, with margin
     (1.2 x 55 GB/s = 66 GB/s per direction).  One thread copies pinned memory into the
@@ -98,7 +102,7 @@ class Staging:
     slots: int | None = None
     slot_bytes: int = 8 << 20
     threads: int | None = None
-    zero_run_bytes: int = 2 << 20
+    zero_run_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         for name in ("slots", "slot_bytes", "threads", "zero_run_bytes"):
