@@ -265,7 +265,7 @@ class BufferManager:
             p = buf._pages
             if p.mem is None:
                 return 0
-            if not wait and p.uses.busy:
+            if not wait and self._pager.busy(p):
                 return 0
             self._check_open()
             with self.backend.activate(), self.backend.nvtx("gpu_backup.evict"):
@@ -311,7 +311,7 @@ class BufferManager:
         for ref in refs:
             b = ref()
             if (b is None or b is target or b._pins or b.purgeable or b._pages.mem is None
-                    or not nbytes <= b._pages.held <= 2 * nbytes or b._pages.uses.busy):
+                    or not nbytes <= b._pages.held <= 2 * nbytes or self._pager.busy(b._pages)):
                 continue
             if not b._lock.acquire(blocking=False):
                 continue

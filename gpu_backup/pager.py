@@ -96,6 +96,11 @@ class Pager:
                 for e in events:
                     e.synchronize()
 
+    @staticmethod
+    def busy(p: _Pages) -> bool:
+        """Some work on ``p.mem`` is still pending (a non-waiting eviction skips it)."""
+        return p.uses.busy or any(e is not None and not e.done for e in (p.fresh, p.last))
+
     def wait_idle(self, p: _Pages) -> None:
         """Wait until no work touches ``p.mem``: the users' pending uses, the allocation
         guard and the pipeline's last copy.  Interruptible; changes nothing."""

@@ -251,21 +251,89 @@ def test_evicting_a_never_waits_on_b(fake_mgr, rng):
 
 
 def test_access_on_a_stream_that_is_not_current_waits_for_the_allocation_guard(monkeypatch, fake_mgr):
+    """A block from the current stream's pool may still be touched by work queued there:
+    the first access on another stream waits for it (on that stream, not on the host),
+    and a non-waiting eviction skips the buffer meanwhile."""
     mgr, fake = fake_mgr()
-    marks = []
-
-    def mark_current():
-        ev = RecEvent(fake.d2h_stream.record().inner, "alloc-guard", fake.log)
-        marks.append(ev)
-        return ev
-
-    monkeypatch.setattr(fake, "mark_current", mark_current)
+    current = RecStream(fake, "current")
+    gate = threading.Event()
+    current.launch(lambda: gate.wait(30))          # the previous owner's work, still queued
+    monkeypatch.setattr(fake, "mark_current", current.record)
     b = mgr.alloc(4 * PS)
+    assert b._pages.fresh is not None and not b._pages.fresh.done
+    assert mgr._evict(b, blocking=False, wait=False) == 0
     user = RecStream(fake, "user")
     with b.access("w", stream=user):
         pass
-    assert ("wait_event", "user", "alloc-guard") in fake.log or marks[0].done
+    assert ("wait_event", "user", "current") in fake.log
+    assert not [e for e in fake.log if e[0] == "host_wait"]   # nobody blocked on the host
+    gate.set()
+    user.synchronize()
+    b.evict()
     user.close()
+    current.close()
+
+
+def test_host_backend_reuses_freed_blocks_like_a_pool():
+    be = HostBackend(capacity=8 << 20, cache_limit=4 << 20)
+    try:
+        a = be.alloc(1 << 20)
+        addr = a.ctypes.data
+        view = a[10:20]
+        del a
+        assert be.cached_bytes == 0                  # a view keeps the block in use
+        del view
+        assert be.cached_bytes == 1 << 20 and be.mem_info()[0] == 8 << 20
+        b = be.alloc(1 << 20)
+        assert b.ctypes.data == addr and be.cached_bytes == 0       # reused, no first touch
+        c = be.alloc(2 << 20)
+        del c
+        assert be.cached_bytes == 2 << 20
+        big = be.alloc(6 << 20)                      # does not fit beside the cache: cache goes
+        assert be.cached_bytes == 0
+        with pytest.raises(gb.device.DeviceOOM):
+            be.alloc(2 << 20)
+        del b, big                                   # 6 MiB is over the cache's bound
+        assert be.cached_bytes == 1 << 20
+    finally:
+        be.close()
+    assert be.cached_bytes == 0
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_streams_swap_and_zero_runs(rng):
+    """On a GPU: two copy streams, blocking events, swap and zero runs, user stream not
+    the current one; bytes exact."""
+    from conftest import cuda_unusable_reason
+
+    why = cuda_unusable_reason()
+    if why:
+        pytest.skip(f"no usable GPU: {why}")
+    import cupy as cp
+
+    size = 8 << 20
+    with gb.BufferManager("cuda", device_limit=size, zero_scan=True) as mgr:
+        be = mgr.backend
+        assert be.d2h_stream.ptr != be.h2d_stream.ptr
+        da = data_of(rng, size // PS)
+        db = rng.integers(0, 256, size, dtype=np.uint8)
+        db[: 5 << 20] = 0                              # a long zero run: skipped
+        a = mgr.alloc(size)
+        s = cp.cuda.Stream(non_blocking=True)          # not the current stream
+        with a.access("w", stream=s) as arr:
+            with s:
+                arr.set(da, stream=s)
+        b = mgr.alloc(size)                            # over the limit: a is evicted
+        with b.access("w") as arr:
+            arr.set(db)
+        for _ in range(3):                             # misses: swaps
+            for buf, d in ((a, da), (b, db)):
+                with buf.access("r", stream=s) as arr:
+                    got = cp.asnumpy(arr, stream=s)
+                s.synchronize()
+                np.testing.assert_array_equal(got, d)
+        st = mgr.stats()
+        assert st["swaps"] >= 4 and st["zero_pages"] >= (4 << 20) // PS
 
 
 # ------------------------------------------------------ faults at every step
