@@ -475,6 +475,7 @@ def test_interrupt_inside_submit_after_the_work_is_queued(fake_mgr, rng):
     import os
     import signal
 
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     mgr, fake = fake_mgr()
     data = data_of(rng, 64)
     b = filled(mgr, data)
@@ -558,3 +559,23 @@ def test_memory_and_slot_outlive_a_copy_whose_record_failed(fake_mgr, rng):
     assert held_back == [] and sorted(done) == ["evict", "free"]
     assert fake.violations == []
     assert mgr.device_bytes == 0 and mgr.store.bytes_used == b.npages * PS
+
+
+def test_every_other_page_zero_moves_in_as_few_copies_as_dense(fake_mgr, rng):
+    """The zero scan never cuts a dense buffer into page-sized copies: with every other
+    page zero, evict and restore issue as many copies as for the dense buffer."""
+    mgr, fake = fake_mgr(zero_scan=True)
+    dense = rng.integers(1, 256, 64 * PS, dtype=np.uint8)
+    half = dense.copy()
+    half.reshape(-1, PS)[::2] = 0
+    copies = {}
+    for name, data in (("dense", dense), ("half", half)):
+        b = filled(mgr, data)
+        before = len(fake.log)
+        b.evict()
+        with b.access("rw"):
+            pass
+        copies[name] = sum(1 for e in fake.log[before:] if e[0] in ("d2h", "h2d"))
+        np.testing.assert_array_equal(b.to_host(), data)
+        b.free()
+    assert copies["half"] == copies["dense"] == 2 * 4      # 64 pages in 16-page slots
