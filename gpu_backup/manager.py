@@ -346,13 +346,17 @@ class BufferManager:
                 buf_id, p = self._graveyard.popleft()
             except IndexError:
                 return
-            self._reap(buf_id, p)
+            try:
+                self._reap(buf_id, p)
+            except BaseException:
+                self._graveyard.appendleft((buf_id, p))   # released at the next safe point
+                raise
 
     def _reap(self, buf_id: int, p: _Pages) -> None:
-        """Release a buffer's device memory and store pages, once."""
+        """Release a buffer's device memory and store pages (idempotent), then forget it."""
+        self._pager.reap(buf_id, p)
         with self._lock:
             self._lru.pop(buf_id, None)
-        self._pager.reap(buf_id, p)
 
     # ------------------------------------------------------------- life cycle
     def _check_open(self) -> None:

@@ -439,6 +439,8 @@ class StagingRing:
             k, fut = inflight.popleft()
             _, hit = uninterrupted(wait, [fut])
             interrupted |= hit
+            if fut.exception() is not None:
+                continue          # a failed piece: nothing to commit (its slot is back)
             try:
                 _, hit = uninterrupted(finish, k, fut)
                 interrupted |= hit

@@ -70,7 +70,7 @@ class FakeBackend(HostBackend):
         self.fail_record_at: int | None = None
         self._inflight: dict[int, tuple[int, int, int, int]] = {}
         self._tokens = iter(range(1 << 62))
-        self._ilock = threading.Lock()
+        self._ilock = threading.RLock()   # a finalizer (_release) may run inside a locked section
         self.d2h_stream.close()
         self.h2d_stream.close()
         self.d2h_stream = RecStream(self, "d2h")
