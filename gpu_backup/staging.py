@@ -461,14 +461,17 @@ class StagingRing:
     def close(self) -> None:
         """Refuse new operations, wait for those in flight, stop the workers, free the
         pinned slots once their last copies completed.  Idempotent."""
+        if self._closed and not self._slots:
+            return
+        _faults.point("close.ring.begin")
         with self._cond:
-            if self._closed and not self._slots:
-                return
             self._closed = True
             self._cond.notify_all()
             while self._ops:
                 self._cond.wait()
+        _faults.point("close.ring.drained")
         self._pool.shutdown(wait=True)
+        _faults.point("close.ring.stopped")
         for slot in self._slots:
             if slot.event is not None:
                 uninterrupted(slot.event.synchronize)

@@ -579,3 +579,30 @@ def test_every_other_page_zero_moves_in_as_few_copies_as_dense(fake_mgr, rng):
         np.testing.assert_array_equal(b.to_host(), data)
         b.free()
     assert copies["half"] == copies["dense"] == 2 * 4      # 64 pages in 16-page slots
+
+
+@pytest.mark.parametrize("point", ["close.ring.begin", "close.ring.drained", "close.ring.stopped"])
+def test_interrupted_ring_close_can_be_run_again(fake_mgr, rng, point):
+    """The staging ring's close, interrupted at each step, finishes when run again."""
+    mgr, fake = fake_mgr()
+    b = filled(mgr, data_of(rng, 40))
+    b.evict()
+    threads = threading.active_count()
+
+    def injector(name):
+        if name == point:
+            raise KeyboardInterrupt
+
+    old = _faults.set_injector(injector)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mgr._ring.close()
+    finally:
+        _faults.set_injector(old)
+    mgr._ring.close()
+    assert mgr._ring._slots == [] and mgr._ring.closed
+    with pytest.raises(gb.ClosedError):
+        b.to_host()                      # new operations are refused
+    mgr.close()
+    assert threading.active_count() <= threads
+    assert fake.violations == []
