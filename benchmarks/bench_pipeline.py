@@ -112,6 +112,7 @@ def swap_vs_series(device: Any, size: int, repeat: int) -> dict[str, Any]:
     series, swap = [], []
     with gb.ShmemStore(warm_slack=4 * size) as store, \
             gb.BufferManager(device, store=store, device_limit=size) as mgr:
+        mgr._pager.swap_on_miss = True      # the default on a GPU only; measured everywhere
         bufs = []
         for d in datas:
             b = mgr.alloc(size)

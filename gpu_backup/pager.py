@@ -87,6 +87,10 @@ class Pager:
         # find_victim(target, nbytes): on a miss, an idle resident buffer whose memory the
         # target may take over (returned with its lock held), or None.  Set by the manager.
         self.find_victim: Callable[[Buffer, int], Buffer | None] | None = None
+        # Swap only where the two directions run on separate engines: on a GPU.  On the
+        # host backend both are CPU copies, and overlapping them gains nothing (measured:
+        # 0.8-1.0x of evict + restore in series on a 2-core machine).
+        self.swap_on_miss = backend.name == "cuda"
 
     # ---------------------------------------------------------------- waits
     def _wait_for(self, events: list[Any]) -> None:
@@ -253,7 +257,7 @@ class Pager:
                     f"pressure; access it with mode='w' to get fresh memory")
             need_mem = p.mem is None
         spare = None
-        if need_mem and mode != "w" and self.find_victim is not None:
+        if need_mem and mode != "w" and self.swap_on_miss and self.find_victim is not None:
             victim = self.find_victim(buf, held)     # returned with its lock held
             if victim is not None:
                 try:
