@@ -58,7 +58,9 @@ def deferred_interrupts() -> Iterator[None]:
 def uninterrupted(fn: Any, *args: Any) -> tuple[Any, bool]:
     """Call ``fn(*args)`` (a bounded wait, e.g. for a copy in flight) until it returns
     without a ``KeyboardInterrupt``.  Returns ``(result, interrupted)``: the caller
-    re-raises the interrupt once its state is settled."""
+    re-raises the interrupt once its state is settled.  ``fn`` must not raise
+    ``KeyboardInterrupt`` of its own accord (a future that holds one, say): only a signal
+    may interrupt it, or it is retried for ever."""
     interrupted = False
     while True:
         try:

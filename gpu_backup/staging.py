@@ -83,10 +83,10 @@ class Staging:
         copied (when the manager scans) only if at least this long; shorter ones travel
         with their neighbours (zero runs at the edge of a copy are always skipped: they
         shorten it without splitting it).  Skipping an interior run splits a copy in two,
-        which costs one more piece: ~100 us of fixed cost measured on the host backend of
-        a 2-core VM (``benchmarks/bench_pipeline.py --pieces``: 64 MiB with 8 MiB against
-        256 KiB slots), the time to move ~5 MB at 55 GB/s.  Runs shorter than 4 MiB
-        therefore cost more to skip than to copy (a GPU host's figure is owed: the same
+        which costs one more piece: 60-100 us of fixed cost measured on the host backend
+        of a 2-core VM (``benchmarks/bench_pipeline.py --pieces``: 64 and 256 MiB with
+        8 MiB against 256 KiB slots), the time to move 3.3-5.5 MB at 55 GB/s.  Runs
+        shorter than 4 MiB therefore cost more to skip than to copy (a GPU host's figure is owed: the same
         command with ``--device cuda``).
 
     Why these numbers: the host side must keep up with the link on its own, with margin
