@@ -1,7 +1,10 @@
-"""Issue 3's check: does a 4 KiB page cost the pipeline more than a 2 MiB page?
+"""The copy pipeline's own checks: page size, zero runs, swap, per-piece cost.
 
 Run from the repo root:  python3 benchmarks/bench_pipeline.py [--device host|cuda]
                          [--size 256M] [--repeat 5] [--json PATH]
+                         [--zero] [--swap] [--pieces] [--only-extra]
+
+Issue 3's check: does a 4 KiB page cost the pipeline more than a 2 MiB page?
 
 For each page size (4 KiB, 2 MiB), with the same staging ring and a warm store
 (one untimed evict/restore first): evict + restore of one buffer (default 256 MiB),
@@ -10,6 +13,14 @@ their ratio, and whether the goal "4 KiB costs no more than 1.5x of 2 MiB" is me
 computed from the numbers.  On a GPU (``--device cuda``) it also prints evict and
 restore GB/s beside the link (one pinned copy of the whole buffer) measured in the
 same run.  On the host backend the numbers are host numbers, not GPU numbers.
+
+``--zero``: a buffer (``--zero-size``, default 64 MiB) with every other page zero against
+the same buffer dense, zero scan on for both, evict and restore timed in alternation
+(goal: <= 1.2x the dense time).  ``--swap``: under a device limit of one buffer, a miss
+(restore B, which needs A's memory) as one swap against ``A.evict()`` then B's restore in
+series, alternated, roles swapped each round (goal on a GPU: >= 1.3x faster).
+``--pieces``: the fixed cost of one piece, from the same evict + restore with 8 MiB and
+with 256 KiB slots; at 55 GB/s it is the zero-run length below which skipping does not pay.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -65,6 +77,89 @@ def measure(device: Any, page_size: int, staging: gb.Staging, data: np.ndarray,
     return out
 
 
+def _median_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1e3
+
+
+def zero_vs_dense(device: Any, size: int, repeat: int) -> dict[str, Any]:
+    """Evict and restore times, every-other-page-zero vs dense, zero scan on, alternated."""
+    ps = gb.PAGE_SIZE
+    dense = np.random.default_rng(1).integers(1, 256, size, dtype=np.uint8)
+    half = dense.copy()
+    half.reshape(-1, ps)[::2] = 0
+    times: dict[str, list[tuple[float, float]]] = {"dense": [], "half_zero": []}
+    with gb.ShmemStore(warm_slack=4 * size) as store, \
+            gb.BufferManager(device, store=store, zero_scan=True) as mgr:
+        for _ in range(repeat):
+            for name, data in (("dense", dense), ("half_zero", half)):
+                t = sc.evict_restore_times(mgr, data, 1, clean=False)
+                times[name].append((t.evict[0], t.restore[0]))
+    out: dict[str, Any] = {"size_bytes": size, "repeats": repeat}
+    for name, ts in times.items():
+        out[f"{name}_evict_ms"] = _median_ms([e for e, _ in ts])
+        out[f"{name}_restore_ms"] = _median_ms([r for _, r in ts])
+    out["evict_ratio"] = out["half_zero_evict_ms"] / out["dense_evict_ms"]
+    out["restore_ratio"] = out["half_zero_restore_ms"] / out["dense_restore_ms"]
+    out["met"] = max(out["evict_ratio"], out["restore_ratio"]) <= 1.2
+    return out
+
+
+def swap_vs_series(device: Any, size: int, repeat: int) -> dict[str, Any]:
+    """A miss under a one-buffer device limit: swap (B restored into A's memory while A is
+    evicted) against A.evict() then B's restore, alternated; roles swap each round."""
+    rng = np.random.default_rng(2)
+    datas = [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(2)]
+    series, swap = [], []
+    with gb.ShmemStore(warm_slack=4 * size) as store, \
+            gb.BufferManager(device, store=store, device_limit=size) as mgr:
+        mgr._pager.swap_on_miss = True      # the default on a GPU only; measured everywhere
+        bufs = []
+        for d in datas:
+            b = mgr.alloc(size)
+            with b.access("w") as arr:
+                sc.write_device(arr, d)
+            bufs.append(b)
+        x, y = bufs                         # x resident, y evicted (the limit did it)
+        for _ in range(2):                  # untimed: warm the store and the pools
+            with y.access("rw"):
+                pass
+            x, y = y, x
+        swaps0 = mgr.stats()["swaps"]
+        for r in range(2 * repeat):
+            t0 = time.perf_counter()
+            if r % 2:
+                x.evict()
+            with y.access("rw"):            # rw: the backups go, the next eviction copies
+                pass
+            (series if r % 2 else swap).append(time.perf_counter() - t0)
+            x, y = y, x
+        swaps = mgr.stats()["swaps"] - swaps0
+        for b, d in zip(bufs, datas):
+            sc.check_equal(b.to_host(), d, "swap")
+    out = {"size_bytes": size, "repeats": repeat, "series_ms": _median_ms(series),
+           "swap_ms": _median_ms(swap), "swaps": swaps}
+    out["speedup"] = out["series_ms"] / out["swap_ms"]
+    return out
+
+
+def piece_cost(device: Any, size: int, repeat: int) -> dict[str, Any]:
+    """Fixed cost of one piece: evict + restore with big and with small slots."""
+    data = np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8)
+    rows = {}
+    for slot in (8 << 20, 256 << 10):
+        staging = gb.Staging(slot_bytes=slot)
+        with gb.ShmemStore(warm_slack=4 * size) as store, \
+                gb.BufferManager(device, store=store, staging=staging) as mgr:
+            t = sc.evict_restore_times(mgr, data, repeat, clean=False)
+        rows[slot] = statistics.median([a + b for a, b in zip(t.evict, t.restore)])
+    big, small = rows[8 << 20], rows[256 << 10]
+    extra = 2 * (size // (256 << 10) - size // (8 << 20))   # evict and restore pieces
+    per_piece = max(0.0, (small - big) / extra)
+    return {"size_bytes": size, "roundtrip_8M_ms": big * 1e3, "roundtrip_256K_ms": small * 1e3,
+            "per_piece_us": per_piece * 1e6,
+            "breakeven_run_bytes_at_55GBps": int(per_piece * 55e9)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--device", default="host",
@@ -72,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="256M", help="buffer size (default: 256M)")
     ap.add_argument("--repeat", type=int, default=5, help="timed repeats (default: 5)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    ap.add_argument("--zero", action="store_true", help="every-other-page-zero vs dense")
+    ap.add_argument("--zero-size", default="64M", help="buffer size for --zero (default 64M)")
+    ap.add_argument("--swap", action="store_true", help="swap vs evict + restore in series")
+    ap.add_argument("--pieces", action="store_true", help="fixed cost of one piece")
+    ap.add_argument("--only-extra", action="store_true",
+                    help="skip the page-size comparison (run only --zero/--swap/--pieces)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat {args.repeat} must be >= 1")
@@ -80,6 +181,34 @@ def main(argv: list[str] | None = None) -> int:
     except SizeError as e:
         ap.error(str(e))
     device: Any = int(args.device) if args.device.isdigit() else args.device
+
+    extra: dict[str, Any] = {}
+    if args.zero:
+        try:
+            zsize = parse_size(args.zero_size, multiple_of=gb.PAGE_SIZE)
+        except SizeError as e:
+            ap.error(str(e))
+        z = extra["zero_runs"] = zero_vs_dense(device, zsize, args.repeat)
+        print(f"every other page zero vs dense, {fmt_bytes(zsize)}, zero scan on, median of "
+              f"{args.repeat}: evict {z['half_zero_evict_ms']:.1f} / {z['dense_evict_ms']:.1f} ms "
+              f"({z['evict_ratio']:.2f}x), restore {z['half_zero_restore_ms']:.1f} / "
+              f"{z['dense_restore_ms']:.1f} ms ({z['restore_ratio']:.2f}x) -> goal (<= 1.2x) "
+              f"{'MET' if z['met'] else 'NOT MET'}")
+    if args.swap:
+        w = extra["swap"] = swap_vs_series(device, size, args.repeat)
+        print(f"miss under a one-buffer limit, {fmt_bytes(size)}, median of {args.repeat}: "
+              f"evict + restore in series {w['series_ms']:.1f} ms, swap {w['swap_ms']:.1f} ms "
+              f"({w['speedup']:.2f}x faster; {w['swaps']} swaps)")
+    if args.pieces:
+        c = extra["pieces"] = piece_cost(device, size, args.repeat)
+        print(f"one piece costs {c['per_piece_us']:.1f} us (8 MiB slots {c['roundtrip_8M_ms']:.1f} ms, "
+              f"256 KiB slots {c['roundtrip_256K_ms']:.1f} ms per round trip): skipping a zero run "
+              f"pays above {fmt_bytes(c['breakeven_run_bytes_at_55GBps'])} at 55 GB/s")
+    if extra and args.json and args.only_extra:
+        write_json({"benchmark": "bench_pipeline", "date": now_iso(), "versions": versions(),
+                    "machine": machine(), **extra}, args.json)
+    if args.only_extra:
+        return 0
 
     staging = gb.Staging()
     data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
@@ -118,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                "size_bytes": size, "staging": {"slots": staging.slots,
                                                "slot_bytes": staging.slot_bytes,
                                                "threads": staging.threads},
-               "results": rows,
+               "results": rows, **extra,
                "goal": {"text": f"4 KiB pages cost no more than {GOAL}x of 2 MiB pages "
                                 "(evict + restore round trip, medians)",
                         "value": ratio, "threshold": GOAL, "met": met}}

@@ -9,17 +9,17 @@ make sure no copy is in flight first (the stores wait for in-flight operations).
 
 from __future__ import annotations
 
-import _signal
 import ctypes
 import ctypes.util
 import errno
 import mmap
 import os
-import signal
 import threading
 import time
 
 import numpy as np
+
+from ._interrupts import deferred_interrupt
 
 __all__ = [
     "OS_PAGE_SIZE",
@@ -29,7 +29,6 @@ __all__ = [
     "Mapping",
     "HostMemory",
     "host_memory",
-    "deferred_interrupt",
 ]
 
 OS_PAGE_SIZE = mmap.PAGESIZE
@@ -52,7 +51,6 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.msync.restype = ctypes.c_int
 _libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MS_SYNC = 4
-_SIGINT = int(signal.SIGINT)
 
 
 class Mapping:
@@ -107,37 +105,6 @@ class Mapping:
 def advice_supported(err: OSError) -> bool:
     """False when an ``madvise`` error means the kernel lacks that advice."""
     return err.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
-
-
-class deferred_interrupt:  # noqa: N801 - used like a function: ``with deferred_interrupt():``
-    """Hold off ``SIGINT`` for a few lines that must not be cut in two (bookkeeping, or an
-    open file not yet in its ``with``): a signal that arrives meanwhile is handed to the
-    handler that was installed (Python's default raises ``KeyboardInterrupt``) when the
-    block ends.  Only on the main thread (signals interrupt no other) and only for a
-    Python-level handler.  Costs about a microsecond (the C-level signal calls)."""
-
-    __slots__ = ("_old", "_caught")
-
-    def __enter__(self) -> None:
-        self._old = None
-        if threading.get_ident() != threading.main_thread().ident:
-            return
-        old = _signal.getsignal(_SIGINT)
-        if callable(old):
-            self._old = old
-            self._caught = False
-            _signal.signal(_SIGINT, self._record)
-
-    def _record(self, signum: int, frame: object) -> None:
-        self._caught = True
-
-    def __exit__(self, *exc: object) -> None:
-        old = self._old
-        if old is not None:
-            self._old = None
-            _signal.signal(_SIGINT, old)
-            if self._caught:
-                old(_SIGINT, None)
 
 
 def _read_kib(path: str, keys: tuple[str, ...]) -> dict[str, int]:

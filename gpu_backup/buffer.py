@@ -42,7 +42,8 @@ class _Pages:
     (or purged): invariant 1.
     """
 
-    __slots__ = ("mem", "table", "valid", "held", "uses", "evicting", "plain", "__weakref__")
+    __slots__ = ("mem", "table", "valid", "held", "uses", "evicting", "plain", "last", "fresh",
+                 "__weakref__")
 
     def __init__(self, npages: int, mem: Any, held: int) -> None:
         self.mem = mem
@@ -54,6 +55,11 @@ class _Pages:
         # mem present, every page valid, no store copies or zero marks: access has nothing
         # to do (kept so that access of a resident buffer costs no scan of the page table)
         self.plain = mem is not None or npages == 0
+        # Until they complete, ``mem`` may not be released (nor, for ``fresh``, used on
+        # another stream): the last copy the pipeline enqueued on it, and the allocation
+        # guard of a block taken from the pool of the allocating thread's current stream.
+        self.last: Any = None
+        self.fresh: Any = None
 
 
 class Uses:
@@ -111,6 +117,8 @@ class Buffer:
         self._lock = threading.Lock()   # held while pages move; the shrinker only try-locks
         self._pins = 0                  # threads inside access()
         self.id = buf_id
+        if pages.mem is not None and pages.fresh is None:
+            pages.fresh = mgr.backend.mark_current()
         # Garbage collection only queues the release (it may run on a thread that holds
         # any lock); the manager performs it at its next safe point.
         self._finalizer = weakref.finalize(self, mgr._reap_later, buf_id, pages)
@@ -221,8 +229,12 @@ class Buffer:
         with self._lock:
             if self._pins:
                 raise BufferBusyError(f"buffer #{self.id} is inside access() in {self._pins} thread(s)")
-            if self._finalizer.detach() is not None:
-                self._mgr._reap(self.id, self._pages)
+            if not self._finalizer.alive:
+                return
+            # Released first, then detached: an interruption in between leaves the
+            # finalizer to finish the (idempotent) release.
+            self._mgr._reap(self.id, self._pages)
+            self._finalizer.detach()
 
     def to_host(self) -> np.ndarray:
         """A host copy of the buffer's bytes (restores it if needed; for tests and debugging)."""

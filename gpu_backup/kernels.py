@@ -71,6 +71,7 @@ class PageScanner:
         self.backend = backend
         self._module: Any = None
         self._kernels: dict[str, Any] = {}
+        self._scratch: list[tuple[Any, np.ndarray]] = []   # pinned result buffers, reused
         self._lock = threading.Lock()
 
     def _kernel(self, name: str) -> Any:
@@ -87,10 +88,10 @@ class PageScanner:
             return self._kernels[name]
 
     def zero_pages(self, mem: Any, nbytes: int, page_size: int, *, stream: Any) -> np.ndarray:
-        """Bool per page of ``mem[:nbytes]``, after the work already on ``stream``."""
+        """Bool per page of ``mem[:nbytes]``, scanned on ``stream``.  The caller has waited
+        for every write to ``mem`` (on the host backend the scan runs right here)."""
         npages = _check(nbytes, page_size)
         if self.backend.name != "cuda":
-            stream.synchronize()
             return zero_pages_reference(self.backend.array(mem, nbytes), page_size)
         return self._launch("classify_pages", mem, nbytes, page_size, 16, np.uint8, stream,
                             npages).astype(bool)
@@ -98,7 +99,6 @@ class PageScanner:
     def checksums(self, mem: Any, nbytes: int, page_size: int, *, stream: Any) -> np.ndarray:
         npages = _check(nbytes, page_size)
         if self.backend.name != "cuda":
-            stream.synchronize()
             return checksums_reference(self.backend.array(mem, nbytes), page_size)
         return self._launch("checksum_pages", mem, nbytes, page_size, 4, np.uint64, stream, npages)
 
@@ -109,12 +109,40 @@ class PageScanner:
         if npages == 0:
             return np.empty(0, dtype)
         fn = self._kernel(name)
-        with self.backend.activate(), stream:
-            data = self.backend.array(mem, nbytes)
-            out = cupy.empty(npages, dtype=dtype)
-            fn((npages,), (_BLOCK,), (data, np.uint64(page_size // word), np.uint64(npages), out))
-            host = out.get(stream=stream)   # blocking: the result decides what to copy
+        backend = self.backend
+        host = np.empty(npages, dtype)
+        scratch = self._take_scratch(host.nbytes)   # an async D2H needs page-locked memory
+        try:
+            pinned = scratch[1][:host.nbytes]
+            with backend.activate(), stream:   # the device scratch comes from the stream's pool
+                data = backend.array(mem, nbytes)
+                out = cupy.empty(npages, dtype=dtype)
+                fn((npages,), (_BLOCK,), (data, np.uint64(page_size // word), np.uint64(npages), out))
+                backend.d2h(pinned, out.data, 0, stream)
+                done = backend.record(stream)
+            # A blocking event: the result decides what to copy; no stream-wide wait.
+            done.synchronize()
+            host.view(np.uint8)[:] = pinned
+            del out
+        except BaseException:
+            # the copy into the scratch may still be in flight: never reuse it
+            scratch = None
+            raise
+        finally:
+            if scratch is not None:
+                with self._lock:
+                    self._scratch.append(scratch)
         return host
+
+    def _take_scratch(self, nbytes: int) -> tuple[Any, np.ndarray]:
+        """A pinned block of at least ``nbytes`` from this scanner's free list (allocated
+        once, in powers of two: freeing pinned memory would synchronise the device)."""
+        with self._lock:
+            for i, (owner, view) in enumerate(self._scratch):
+                if view.nbytes >= nbytes:
+                    return self._scratch.pop(i)
+        size = 1 << max(12, (nbytes - 1).bit_length())
+        return self.backend.pinned(size)
 
 
 def scan_default(backend_name: str) -> bool:

@@ -14,18 +14,17 @@ from typing import Any
 import numpy as np
 
 from ._os import host_memory
-from ._runs import runs_of
-from .buffer import PURGED_PAGE, ZERO_PAGE, Buffer, _Pages
+from .buffer import Buffer, _Pages
 from .device import open_backend
 from .device.oom import is_device_oom
 from .errors import (
     BufferBusyError,
     BufferFreedError,
-    BufferPurgedError,
     ClosedError,
     OutOfDeviceMemory,
 )
 from .kernels import PageScanner, scan_default
+from .pager import Pager
 from .shrinker import CupyAllocatorHook, LruShrinker, Reclaimer, Shrinker, _is_clean
 from .staging import Staging, StagingRing
 from .store import PAGE_SIZE, ShmemStore
@@ -38,7 +37,7 @@ log = logging.getLogger("gpu_backup")
 
 _STAT_KEYS = ("evictions", "bytes_evicted", "bytes_copied_out", "restores", "bytes_restored",
               "bytes_copied_in", "zero_pages", "purges", "bytes_purged", "clean_evictions", "evict_seconds",
-              "restore_seconds")
+              "restore_seconds", "swaps")
 
 
 class BufferManager:
@@ -106,6 +105,12 @@ class BufferManager:
         self._cupy_hook = CupyAllocatorHook(self)
         self.zero_scan = scan_default(self.backend.name) if zero_scan is None else bool(zero_scan)
         self._scanner = PageScanner(self.backend)
+        self._pager = Pager(backend=self.backend, store=self.store, ring=self._ring,
+                            scanner=self._scanner, page_size=self.page_size,
+                            device_alloc=self._device_alloc, released=self._released,
+                            count=self._count, zero_scan=self._zero_scan_on,
+                            zero_scan_failed=self._zero_scan_failed)
+        self._pager.find_victim = self._swap_victim
         self._closed = False
         log.info("BufferManager on %s (%s): page_size=%d, staging %d x %d B, limit=%s",
                  self.backend.name, self.backend.reason, self.page_size, self._ring.config.slots,
@@ -285,7 +290,7 @@ class BufferManager:
             p = buf._pages
             if p.mem is None:
                 return 0
-            if not wait and p.uses.busy:
+            if not wait and self._pager.busy(p):
                 return 0
             self._check_open()
             with self.backend.activate(), self.backend.nvtx("gpu_backup.evict"):
@@ -294,180 +299,59 @@ class BufferManager:
             buf._lock.release()
 
     def _evict_locked(self, buf: Buffer, p: _Pages) -> int:
-        t0 = time.perf_counter()
-        p.plain = False
-        if buf.purgeable:
-            p.uses.synchronize()  # the device may still be using it
-            live = p.table[p.table > 0]
-            if live.size:
-                self.store.drop(live)
-            p.table[:] = PURGED_PAGE
-            freed = self._release_mem(p)
-            with self._lock:
-                self._stats["purges"] += 1
-                self._stats["bytes_purged"] += freed
-            log.debug("purged buffer #%d (%d B)", buf.id, freed)
-            return freed
-        todo = np.flatnonzero(p.valid & (p.table == 0))
-        zero = 0
-        if self.zero_scan and todo.size:
-            todo, zero = self._skip_zero_pages(p, todo)
-        copied = todo.size * self.page_size
-        if todo.size:
-            # Slots are reserved here (StoreFullError changes nothing) and faulted in piece by
-            # piece by the ring's workers, in parallel with the device copies.
-            handles = self.store.alloc(todo.size, populate=False)
-            p.evicting = True
-
-            def commit(pages: np.ndarray, h: np.ndarray) -> None:
-                p.table[pages] = h
-
-            try:
-                self._ring.evict(p.mem, todo, handles, after=p.uses.pending(), commit=commit)
-            except BaseException:
-                # Whatever the page table did not take is not referenced anywhere: drop it.
-                # (Read from the table itself, so an interrupt between a commit and the
-                # ring's own bookkeeping cannot drop a handle the table holds.)
-                lost = handles[p.table[todo] != handles]
-                if lost.size:
-                    self.store.drop(lost)
-                raise
-        freed = self._release_mem(p)
-        dt = time.perf_counter() - t0
-        with self._lock:
-            self._stats["evictions"] += 1
-            self._stats["bytes_evicted"] += freed
-            self._stats["bytes_copied_out"] += copied
-            self._stats["zero_pages"] += zero
-            self._stats["evict_seconds"] += dt
-            if not copied:
-                self._stats["clean_evictions"] += 1
-        log.debug("evicted buffer #%d: %d B freed, %d B copied in %.3f ms", buf.id, freed,
-                  copied, dt * 1e3)
-        return freed
-
-    def _skip_zero_pages(self, p: _Pages, todo: np.ndarray) -> tuple[np.ndarray, int]:
-        """Record all-zero pages as ZERO_PAGE instead of copying them.  The scan runs on the
-        copy stream after the buffer's pending uses; nothing can write the buffer meanwhile
-        (it is locked and not inside access())."""
-        stream = self.backend.copy_stream
-        for event in p.uses.pending():
-            stream.wait_event(event)
-        try:
-            is_zero = self._scanner.zero_pages(p.mem, p.held, self.page_size, stream=stream)
-        except Exception as e:  # noqa: BLE001 - e.g. the kernel fails to build here
-            if is_device_oom(e):
-                # The device is full (any allocator's form): eviction must still work, so
-                # this one copies every page; the next one scans again.
-                log.debug("zero-page scan skipped: %s", e)
-                return todo, 0
-            log.warning("zero-page scan failed (%r); turned off for this manager, pages are "
-                        "copied instead", e)
-            self.zero_scan = False
-            return todo, 0
-        zero = todo[is_zero[todo]]
-        p.table[zero] = ZERO_PAGE
-        if zero.size:
-            p.evicting = True
-        return todo[~is_zero[todo]], int(zero.size)
+        return self._pager.evict(buf, p)
 
     def _release_mem(self, p: _Pages) -> int:
-        """Free a buffer's device memory.  Every copy that reads it has completed (evict
-        waited for them); a copy stream sync here would cost more than it guards."""
-        p.uses.synchronize()
-        freed, p.held = p.held, 0
-        p.mem = None
-        p.evicting = False
-        p.plain = False
-        p.valid[:] = False
-        with self._lock:
-            self._device_bytes -= freed
-        return freed
+        return self._pager.release_mem(p)
 
     # -------------------------------------------------------------- restore
     def _make_resident(self, buf: Buffer, mode: str, user: Any) -> Any:
-        """Make ``buf`` (pinned by the caller) current on the device for ``mode``.
-
-        Device memory is allocated outside the buffer's lock: the reclaim an allocation
-        may run calls shrinkers, which may touch other buffers (or this one)."""
+        """Make ``buf`` (pinned by the caller) current on the device for ``mode``."""
         self._check_open()
-        p = buf._pages
-        held = buf.npages * self.page_size
-        with buf._lock:
-            if p.plain:
-                return p.mem if buf.npages else self.backend.alloc(0)
-            if mode != "w" and (p.table == PURGED_PAGE).any():
-                raise BufferPurgedError(
-                    f"buffer #{buf.id} ({buf.nbytes:,} B, purgeable) was discarded under memory "
-                    f"pressure; access it with mode='w' to get fresh memory")
-            need_mem = p.mem is None
-        spare = self._device_alloc(held) if need_mem else None
-        try:
-            with buf._lock, self.backend.activate():
-                if p.mem is None and spare is not None:
-                    p.mem, p.held, spare = spare, held, None
-                if mode == "w":
-                    self._forget_backups(p)
-                    p.valid[:] = True
-                else:
-                    need = ~p.valid
-                    if need.any():
-                        with self.backend.nvtx("gpu_backup.restore"):
-                            self._restore_locked(buf, p, need, keep=mode == "r", user=user)
-                    if mode == "rw":
-                        self._forget_backups(p)
-                p.plain = mode != "r" or not (p.table != 0).any()
-                return p.mem
-        finally:
-            if spare is not None:  # another thread restored the buffer meanwhile
-                del spare
-                with self._lock:
-                    self._device_bytes -= held
-
-    def _restore_locked(self, buf: Buffer, p: _Pages, need: np.ndarray, *, keep: bool,
-                        user: Any) -> None:
-        t0 = time.perf_counter()
-        ps = self.page_size
-        pages = np.flatnonzero(need & (p.table > 0))
-        zeros = np.flatnonzero(need & (p.table == ZERO_PAGE))
-        stream = self.backend.copy_stream
-
-        def commit(done: np.ndarray, h: np.ndarray) -> None:
-            p.valid[done] = True
-            if not keep:
-                p.table[done] = 0
-                self.store.drop(h)
-
-        event = None
-        if pages.size:
-            event = self._ring.restore(p.mem, pages, p.table[pages].copy(), commit=commit)
-        if zeros.size:
-            starts, lengths, _ = runs_of(zeros)
-            for s, n in zip(starts.tolist(), lengths.tolist()):
-                self.backend.memset(p.mem, s * ps, n * ps, 0, stream)
-            event = self.backend.record(stream)
-            event.synchronize()
-            p.valid[zeros] = True
-            if not keep:
-                p.table[zeros] = 0
-        if event is not None:
-            user.wait_event(event)
-        dt = time.perf_counter() - t0
-        with self._lock:
-            self._stats["restores"] += 1
-            self._stats["bytes_restored"] += min(buf.nbytes, int(need.sum()) * ps)
-            self._stats["bytes_copied_in"] += pages.size * ps
-            self._stats["restore_seconds"] += dt
-        log.debug("restored buffer #%d: %d pages copied, %d zero, %.3f ms", buf.id, pages.size,
-                  zeros.size, dt * 1e3)
+        return self._pager.make_resident(buf, mode, user)
 
     def _forget_backups(self, p: _Pages) -> None:
-        """The device copy is about to change: store copies and zero marks become stale."""
-        live = p.table[p.table > 0]
-        if live.size:
-            self.store.drop(live)
-        p.table[:] = 0
-        p.evicting = False
+        self._pager.forget_backups(p)
+
+    # --------------------------------------------------------- page movement glue
+    def _count(self, **deltas: float) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                self._stats[k] += v
+
+    def _released(self, nbytes: int) -> None:
+        with self._lock:
+            self._device_bytes -= nbytes
+
+    def _swap_victim(self, target: Buffer, nbytes: int) -> Buffer | None:
+        """On a miss that the device limit cannot hold: the least recently used idle
+        buffer that holds at least ``nbytes``, returned with its lock held, for the pager
+        to evict while restoring ``target`` into its memory.  None when there is room, or
+        no buffer qualifies (then reclaim runs as usual)."""
+        limit = self.device_limit
+        if limit is None or self._device_bytes + nbytes <= limit:
+            return None
+        with self._lock:
+            refs = list(self._lru.values())
+        for ref in refs:
+            b = ref()
+            if (b is None or b is target or b._pins or b.purgeable or b._pages.mem is None
+                    or not nbytes <= b._pages.held <= 2 * nbytes or self._pager.busy(b._pages)):
+                continue
+            if not b._lock.acquire(blocking=False):
+                continue
+            p = b._pages
+            if b.freed or b._pins or p.mem is None or p.held < nbytes:
+                b._lock.release()
+                continue
+            return b
+        return None
+
+    def _zero_scan_on(self) -> bool:
+        return self.zero_scan
+
+    def _zero_scan_failed(self) -> None:
+        self.zero_scan = False
 
     # ----------------------------------------------------------- bookkeeping
     def _touch(self, buf: Buffer) -> None:
@@ -481,29 +365,30 @@ class BufferManager:
         self._graveyard.append((buf_id, p))
 
     def _drain(self) -> None:
-        """Release what collected buffers held.  Called at safe points (alloc, shrink, close)."""
+        """Release what collected buffers held, and drop again the store pages of failed
+        drops.  Called at safe points (alloc, shrink, stats, close)."""
+        if self._pager._undropped:
+            try:
+                self._pager.retry_drops()
+            except Exception as e:  # noqa: BLE001 - kept for the next safe point
+                log.warning("dropping %d store pages failed again (%s: %s); retried later",
+                            self._pager.undropped_pages, type(e).__name__, e)
         while self._graveyard:
             try:
                 buf_id, p = self._graveyard.popleft()
             except IndexError:
                 return
-            self._reap(buf_id, p)
+            try:
+                self._reap(buf_id, p)
+            except BaseException:
+                self._graveyard.appendleft((buf_id, p))   # released at the next safe point
+                raise
 
     def _reap(self, buf_id: int, p: _Pages) -> None:
-        """Release a buffer's device memory and store pages, once."""
+        """Release a buffer's device memory and store pages (idempotent), then forget it."""
+        self._pager.reap(buf_id, p)
         with self._lock:
             self._lru.pop(buf_id, None)
-        try:
-            p.uses.synchronize()
-        except Exception as e:  # noqa: BLE001 - the memory is released regardless
-            log.warning("buffer #%d: its last use failed: %s", buf_id, e)
-            p.uses.clear()
-        if p.mem is not None:
-            self._release_mem(p)
-        live = p.table[p.table > 0]
-        p.table[:] = 0
-        if live.size and not self.store.closed:
-            self.store.drop(live)
 
     # ------------------------------------------------------------- life cycle
     def _check_open(self) -> None:

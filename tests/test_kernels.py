@@ -61,7 +61,9 @@ def test_checksum_is_order_and_byte_sensitive(rng):
 
 
 def test_zero_pages_are_recorded_not_copied(make_mgr, rng):
-    mgr = make_mgr(zero_scan=True)
+    # zero runs of any length pay here: a one-page threshold
+    mgr = make_mgr(zero_scan=True, staging=gb.Staging(slots=3, slot_bytes=64 << 10, threads=2,
+                                                      zero_run_bytes=PS))
     buf = mgr.alloc(10 * PS - 5)
     data = random_bytes(rng, buf.nbytes)
     zero = [1, 2, 5, 8]          # page 9 is partial: its padding is undefined
@@ -75,6 +77,25 @@ def test_zero_pages_are_recorded_not_copied(make_mgr, rng):
     s = mgr.stats()
     assert s["zero_pages"] == 4 and s["bytes_copied_out"] == 6 * PS
     assert mgr.store.bytes_used == 6 * PS
+    np.testing.assert_array_equal(buf.to_host(), data)
+
+
+def test_short_zero_runs_travel_with_their_neighbours(make_mgr, rng):
+    """With the default threshold, a short zero run between pages to copy is copied with
+    them (skipping it would split the copy); zero runs at the edges are still skipped."""
+    mgr = make_mgr(zero_scan=True, staging=gb.Staging(slots=3, slot_bytes=64 << 10, threads=2,
+                                                      zero_run_bytes=4 * PS))
+    buf = mgr.alloc(24 * PS)
+    data = random_bytes(rng, buf.nbytes)
+    zero = [0, 1, 5, 6, 10, 11, 12, 13, 14, 22, 23]   # edge, short interior, long interior, edge
+    data.reshape(-1, PS)[zero] = 0
+    fill(buf, data)
+    buf.evict()
+    table = buf.page_table()
+    skipped = [0, 1, 10, 11, 12, 13, 14, 22, 23]
+    assert np.flatnonzero(table == ZERO_PAGE).tolist() == skipped
+    assert (np.delete(table, skipped) > 0).all()              # pages 5, 6 were copied
+    assert mgr.stats()["bytes_copied_out"] == (24 - len(skipped)) * PS
     np.testing.assert_array_equal(buf.to_host(), data)
 
 

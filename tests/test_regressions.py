@@ -201,8 +201,8 @@ def test_access_of_a_resident_buffer_skips_the_page_table(monkeypatch):
         with b.access("w"):
             pass
         calls = []
-        monkeypatch.setattr(mgr, "_restore_locked", lambda *a, **k: calls.append(a))
-        monkeypatch.setattr(mgr, "_forget_backups", lambda *a, **k: calls.append(a))
+        monkeypatch.setattr(mgr._pager, "_restore_locked", lambda *a, **k: calls.append(a))
+        monkeypatch.setattr(mgr._pager, "forget_backups", lambda *a, **k: calls.append(a))
         for mode in ("r", "rw", "w"):
             with b.access(mode):
                 pass

@@ -454,7 +454,7 @@ def test_tiered_fault_at_every_step(tmp_path, rng, exc):
 def test_deferred_interrupt_holds_sigint_to_the_end_of_the_block():
     import signal
 
-    from gpu_backup._os import deferred_interrupt
+    from gpu_backup._interrupts import deferred_interrupt
 
     done = []
     with pytest.raises(KeyboardInterrupt):

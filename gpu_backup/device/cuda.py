@@ -1,9 +1,11 @@
-"""The CUDA backend: CuPy device memory, a dedicated non-blocking copy stream, events,
-``cudaMemcpyAsync`` and pinned host memory.  Imported only when a CUDA device is asked for."""
+"""The CUDA backend: CuPy device memory, two non-blocking copy streams (one per direction:
+an H100 has a copy engine for each), blocking events, ``cudaMemcpyAsync`` and pinned host
+memory.  Imported only when a CUDA device is asked for."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,7 +61,10 @@ class CudaBackend:
         name = props["name"]
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
         with cp.cuda.Device(dev):
-            self.copy_stream = cp.cuda.Stream(non_blocking=True)
+            self.d2h_stream = cp.cuda.Stream(non_blocking=True)
+            self.h2d_stream = cp.cuda.Stream(non_blocking=True)
+        self.copy_stream = self.d2h_stream      # the link-measuring benchmarks' stream
+        self._tls = threading.local()           # allocating_for()'s stream, per thread
         nvtx = getattr(cp.cuda, "nvtx", None)   # a stand-in with available=False if absent
         self._nvtx = nvtx if getattr(nvtx, "available", False) else None
 
@@ -73,9 +78,18 @@ class CudaBackend:
 
     # memory
     def alloc(self, nbytes: int) -> Any:
+        """Device memory from CuPy's pool.  The pool keeps a free list per stream (the
+        current stream at allocation) and hands a block out again in that stream's order,
+        so a block is taken from the pool of the stream that will use it first: the one
+        set by :meth:`allocating_for`, else the current stream (then :meth:`mark_current`
+        gives the guard for any other stream)."""
+        target = getattr(self._tls, "stream", None)
         with self.activate():
             try:
-                mem = self._cp.cuda.alloc(nbytes)
+                if target is None:
+                    return self._cp.cuda.alloc(nbytes)
+                with target:          # the pool reads the current stream
+                    return self._cp.cuda.alloc(nbytes)
             except Exception as e:
                 # Any allocator's form (CuPy's pool, a raw or async allocator's
                 # CUDARuntimeError(2), RMM's MemoryError; OutOfDeviceMemory when the
@@ -83,14 +97,26 @@ class CudaBackend:
                 if is_device_oom(e):
                     raise DeviceOOM(f"GPU {self.device_id}: {type(e).__name__}: {e}") from e
                 raise
-            # The pool hands out a block freed on the current stream at once, relying on
-            # stream order; work still queued there may touch it.  Our copies run on the
-            # copy stream, so order it after the current stream.
-            self.copy_stream.wait_event(self._event(self._cp.cuda.get_current_stream()))
-            return mem
+
+    @contextlib.contextmanager
+    def allocating_for(self, stream: Any) -> Iterator[None]:
+        """Allocations by this thread inside the block are first used on ``stream``."""
+        old = getattr(self._tls, "stream", None)
+        self._tls.stream = stream
+        try:
+            yield
+        finally:
+            self._tls.stream = old
+
+    def mark_current(self) -> Any:
+        """The allocation guard of a block just taken from the current stream's pool: an
+        event after the work queued there, for a first use on any other stream to wait on."""
+        with self.activate():
+            return self._event(self._cp.cuda.get_current_stream())
 
     def _event(self, stream: Any) -> Any:
-        ev = self._cp.cuda.Event(disable_timing=True)
+        # block=True: a host wait sleeps in the driver instead of spinning a core
+        ev = self._cp.cuda.Event(block=True, disable_timing=True)
         ev.record(stream)
         return ev
 
@@ -133,7 +159,7 @@ class CudaBackend:
 
     # streams
     def record(self, stream: Any) -> Any:
-        """A sync-only event (no timing: cheaper) recorded on ``stream``, on this GPU."""
+        """A blocking, sync-only event recorded on ``stream``, on this GPU."""
         with self.activate():
             return self._event(stream)
 
@@ -159,5 +185,7 @@ class CudaBackend:
             self._nvtx.RangePop()
 
     def close(self) -> None:
+        """Wait for both copy streams (the one stream-wide wait in the library)."""
         with self.activate():
-            self.copy_stream.synchronize()
+            self.d2h_stream.synchronize()
+            self.h2d_stream.synchronize()

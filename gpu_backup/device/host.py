@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._os import host_memory
+from ..errors import ClosedError
 from .protocol import DeviceOOM
 
 __all__ = ["HostBackend", "HostEvent", "HostStream", "ImmediateStream"]
@@ -67,6 +68,11 @@ class HostStream:
 
     def launch(self, fn: Callable[[], None]) -> None:
         """Enqueue ``fn`` (a "kernel": it runs after everything enqueued before it)."""
+        self._put(fn)
+
+    def _put(self, fn: Callable[[], None]) -> None:
+        if not self._finalizer.alive:   # its thread is gone: the work would never run
+            raise ClosedError("host stream is closed")
         self._queue.put(fn)
 
     def record(self) -> HostEvent:
@@ -80,12 +86,12 @@ class HostStream:
                 failed.clear()
             ev._set()
 
-        self._queue.put(mark)
+        self._put(mark)
         return ev
 
     def wait_event(self, event: Any) -> None:
         if not event.done:
-            self._queue.put(event.synchronize)
+            self._put(event.synchronize)
 
     def synchronize(self) -> None:
         self.record().synchronize()
@@ -130,26 +136,38 @@ class HostBackend:
     """Device memory in host RAM.  ``capacity`` emulates the device's size (default: a
     quarter of host RAM); allocations past it fail as a device OOM would.  ``device_id``
     is the GPU number it stands for: managers on 0 and 1 emulate two devices, each with
-    its own memory, streams and staging."""
+    its own memory, streams and staging.
+
+    Freed blocks are kept for reuse, as CuPy's pool keeps device blocks (size-bucketed,
+    at most ``cache_limit`` bytes, dropped first when an allocation would not fit and on
+    ``close()``), so that host figures measure the pipeline, not the first touch of
+    fresh anonymous memory on every restore.  Two copy streams, one per direction.
+    """
 
     name = "host"
 
     def __init__(self, reason: str = "requested", capacity: int | None = None,
-                 device_id: int = 0) -> None:
+                 device_id: int = 0, cache_limit: int | None = None) -> None:
         if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
             raise ValueError(f"{device_id=} must be an int >= 0")
         self.reason = reason
         self.device_id = device_id
         total = host_memory.read()["total"]
         self.capacity = int(capacity) if capacity is not None else total // 4
+        self.cache_limit = self.capacity // 2 if cache_limit is None else int(cache_limit)
         self.device_name = "host (device memory emulated in RAM)"
         if device_id:
             self.device_name = f"host device {device_id} (device memory emulated in RAM)"
         self._used = 0
+        self._cache: dict[int, list[np.ndarray]] = {}   # block size -> free raw blocks
+        self._cached = 0
         # Reentrant: an allocation's finalizer (_release) may run from garbage collection
         # on a thread inside alloc().
         self._lock = threading.RLock()
-        self.copy_stream = HostStream("gpu_backup-host-copy")
+        self._open = True
+        self.d2h_stream = HostStream("gpu_backup-host-d2h")
+        self.h2d_stream = HostStream("gpu_backup-host-h2d")
+        self.copy_stream = self.d2h_stream    # the link-measuring benchmarks' stream
         self._immediate = ImmediateStream()
 
     def __repr__(self) -> str:
@@ -157,19 +175,54 @@ class HostBackend:
 
     # memory
     def alloc(self, nbytes: int) -> np.ndarray:
+        """A block of ``nbytes``: a cached one of the same bucket, or fresh.  The returned
+        array (and every view of it) keeps the block; when the last is gone, the block goes
+        back to the cache."""
+        size = _bucket(nbytes)
+        raw = None
         with self._lock:
-            if self._used + nbytes > self.capacity:
+            if self._used + size > self.capacity:
                 raise DeviceOOM(
                     f"host device emulation: {nbytes:,} B requested, "
                     f"{self.capacity - self._used:,} B of {self.capacity:,} B free")
-            self._used += nbytes
-        mem = np.empty(nbytes, np.uint8)
-        weakref.finalize(mem, self._release, nbytes)
+            self._used += size
+            blocks = self._cache.get(size)
+            if blocks:
+                raw = blocks.pop()
+                self._cached -= size
+            else:
+                self._trim_locked(self.capacity - self._used - self._cached)  # fit the new one
+        if raw is None:
+            try:
+                raw = np.empty(size, np.uint8)
+            except BaseException:
+                self._release(size, None)
+                raise
+        mem = np.frombuffer(memoryview(raw)[:nbytes], np.uint8)  # views' base is mem itself
+        weakref.finalize(mem, self._release, size, raw)
         return mem
 
-    def _release(self, nbytes: int) -> None:
+    def _release(self, size: int, raw: np.ndarray | None) -> None:
         with self._lock:
-            self._used -= nbytes
+            self._used -= size
+            if raw is not None and self._open and self._cached + size <= self.cache_limit:
+                self._cache.setdefault(size, []).append(raw)
+                self._cached += size
+
+    def _trim_locked(self, room: int) -> None:
+        """Drop cached blocks until they fit in ``room`` bytes (largest first)."""
+        for size in sorted(self._cache, reverse=True):
+            blocks = self._cache[size]
+            while blocks and self._cached > max(room, 0):
+                blocks.pop()
+                self._cached -= size
+            if not blocks:
+                del self._cache[size]
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of freed blocks kept for reuse."""
+        return self._cached
 
     def array(self, mem: np.ndarray, nbytes: int) -> np.ndarray:
         return mem[:nbytes]
@@ -185,6 +238,15 @@ class HostBackend:
     def mem_info(self) -> tuple[int, int]:
         with self._lock:
             return self.capacity - self._used, self.capacity
+
+    def mark_current(self) -> None:
+        """The allocation guard: none is needed, the host's current stream is the caller."""
+        return None
+
+    def allocating_for(self, stream: Any) -> contextlib.AbstractContextManager[None]:
+        """Allocations inside are first used on ``stream`` (nothing to do on the host: a
+        block is reused only once no array and no queued work refers to it)."""
+        return contextlib.nullcontext()
 
     # copies
     def d2h(self, dst: np.ndarray, src: np.ndarray, offset: int, stream: Any) -> None:
@@ -217,4 +279,16 @@ class HostBackend:
         yield
 
     def close(self) -> None:
-        self.copy_stream.close()
+        """Finish the copy streams' work, stop them, drop the cached blocks.  Idempotent."""
+        self.d2h_stream.close()
+        self.h2d_stream.close()
+        with self._lock:
+            self._open = False
+            self._cache.clear()
+            self._cached = 0
+
+
+def _bucket(nbytes: int) -> int:
+    """Cache bucket of an allocation: its exact size (buffers are whole pages, and a
+    workload that swaps buffers of a few sizes reuses them; CuPy's pool also splits)."""
+    return int(nbytes)

@@ -29,16 +29,22 @@ class Stream(Protocol):
 
 class Backend(Protocol):
     """One device.  Copies are asynchronous on the given stream; an event recorded after
-    them completes when they have.  Host memory passed to a copy must stay alive (and, for
-    a D2H destination, untouched) until that event completes."""
+    them completes when they have (host waits on it block, never spin).  Host memory
+    passed to a copy must stay alive (and, for a D2H destination, untouched) until that
+    event completes.  Two copy streams, one per direction; ``close()`` alone waits for a
+    whole stream."""
 
     name: str            # "cuda" or "host"
     device_id: int
     device_name: str
     reason: str          # why this backend was chosen
-    copy_stream: Stream
+    d2h_stream: Stream   # evictions (and the zero-page scan)
+    h2d_stream: Stream   # restores (and zero-run memsets)
+    copy_stream: Stream  # = d2h_stream: for benchmarks that time the raw link
 
     def alloc(self, nbytes: int) -> Any: ...
+    def allocating_for(self, stream: Stream) -> AbstractContextManager[None]: ...
+    def mark_current(self) -> Event | None: ...
     def array(self, mem: Any, nbytes: int) -> Any: ...
     def to_host(self, mem: Any, nbytes: int) -> np.ndarray: ...
     def pinned(self, nbytes: int) -> tuple[Any, np.ndarray]: ...

@@ -45,7 +45,8 @@ import numpy as np
 
 from .. import _faults
 from .._fork import ForkGuard
-from .._os import MADV_PAGEOUT, Mapping, advice_supported, deferred_interrupt
+from .._interrupts import deferred_interrupt
+from .._os import MADV_PAGEOUT, Mapping, advice_supported
 from .._os import OS_PAGE_SIZE as PAGE_SIZE
 from .._runs import expand_runs, runs_of
 from ..errors import ClosedError, InvalidHandleError, StoreFullError

@@ -26,7 +26,8 @@ from typing import Any
 
 from .. import _faults
 from .._fork import ForkGuard
-from .._os import MADV_REMOVE, advice_supported, deferred_interrupt
+from .._interrupts import deferred_interrupt
+from .._os import MADV_REMOVE, advice_supported
 from ..errors import ClosedError, ForkedError
 from ._checks import check_count
 

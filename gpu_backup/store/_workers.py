@@ -19,7 +19,7 @@ from collections.abc import Callable
 from queue import SimpleQueue
 
 from .._fork import ForkGuard
-from .._os import deferred_interrupt
+from .._interrupts import deferred_interrupt
 
 __all__ = ["Batch", "Workers", "deferred_interrupt"]
 
