@@ -3,7 +3,8 @@
 #   1. the gpu test suite      python3 -m pytest -m gpu -q
 #   2. gpu-backup bench        JSON and plot, named <device>-<date>.json/.png; with torch
 #                              present its torch_step is bench_torch.py's comparison
-#   3. the narrower benchmarks bench_pipeline.py --device cuda, bench_store.py
+#   3. the narrower benchmarks bench_pipeline.py --device cuda (page sizes, zero runs, swap,
+#                              per-piece cost), bench_store.py
 # then summary.txt: every part with its time, every goal met or missed.
 #
 #   benchmarks/gpu_check.sh [RESULTS_DIR]     (default: $OUT, else ./gpu-check-results)
@@ -37,12 +38,12 @@ if [ "$mode" = gpu ]; then
     # seconds per part; 440 s in all, under the 480 s goal with start-up to spare
     t_pytest=130 t_bench=230 t_pipeline=40 t_store=40
     bench_args=()
-    pipeline_args=(--device cuda)
+    pipeline_args=(--device cuda --zero --swap --pieces)
     store_args=()
 else
     t_pytest=60 t_bench=60 t_pipeline=30 t_store=30
     bench_args=(--device host --quick --sizes 64K,1M --repeat 1 --budget 0 --touches 4)
-    pipeline_args=(--device host --size 4M --repeat 1)
+    pipeline_args=(--device host --size 4M --repeat 1 --zero --zero-size 4M --swap)
     store_args=(--sizes 4M --cycle-sizes 16M --repeat 1)
 fi
 echo "gpu_check: mode $mode, device $device, results in $outdir" | tee -a "$log"

@@ -124,8 +124,24 @@ def _pipeline_lines(doc: dict[str, Any] | None) -> list[str]:
     if doc is None:
         return ["[n/a]    bench_pipeline: no JSON"]
     g = doc["goal"]
-    return [f"{_mark(g['met'])} bench_pipeline: {g['text']}: {g['value']:.3g}x "
-            f"(<= {g['threshold']}x)"]
+    out = [f"{_mark(g['met'])} bench_pipeline: {g['text']}: {g['value']:.3g}x "
+           f"(<= {g['threshold']}x)"]
+    z = doc.get("zero_runs")
+    if z:
+        worst = max(z["evict_ratio"], z["restore_ratio"])
+        out.append(f"{_mark(worst <= 1.2)} bench_pipeline: every-other-page-zero buffer evicts "
+                   f"and restores in <= 1.2x the dense time: evict {z['evict_ratio']:.3g}x, "
+                   f"restore {z['restore_ratio']:.3g}x")
+    w = doc.get("swap")
+    if w:
+        out.append(f"{_mark(w['speedup'] >= 1.3)} bench_pipeline: swap >= 1.3x faster than evict "
+                   f"+ restore in series: {w['speedup']:.3g}x ({w['swap_ms']:.3g} vs "
+                   f"{w['series_ms']:.3g} ms, {w['swaps']} swaps)")
+    c = doc.get("pieces")
+    if c:
+        out.append(f"         bench_pipeline: one piece costs {c['per_piece_us']:.3g} us: a zero "
+                   f"run pays to skip above {c['breakeven_run_bytes_at_55GBps']:,} B at 55 GB/s")
+    return out
 
 
 def _store_lines(doc: dict[str, Any] | None) -> list[str]:
