@@ -291,3 +291,21 @@ def test_oom_without_store_trouble_keeps_the_device_story():
                 mgr.alloc(128 << 10)
     msg = str(ei.value)
     assert "reclaimable 0 B" in msg and "store cannot" not in msg
+
+
+def test_swap_scenario_swaps_every_miss_and_keeps_the_bytes():
+    """The bench's swap rows: every timed miss is served by a swap when it is on, none when
+    it is off, and the series timings alternate with the swaps (bytes checked inside)."""
+    import numpy as np
+
+    import gpu_backup as gb
+    from gpu_backup.bench import scenarios as sc
+
+    data = np.random.default_rng(5).integers(0, 256, 1 << 20, dtype=np.uint8)
+    staging = gb.Staging(slots=2, slot_bytes=256 << 10, threads=1)
+    series: list[float] = []
+    times, swaps = sc.swap_times("host", gb.PAGE_SIZE, staging, data, 3, swap=True,
+                                 series=series)
+    assert len(times) == len(series) >= 3 and swaps == len(times)
+    times, swaps = sc.swap_times("host", gb.PAGE_SIZE, staging, data, 3, swap=False)
+    assert len(times) >= 3 and swaps == 0

@@ -44,6 +44,7 @@ _STYLE: dict[str, tuple[str, str, str]] = {
     "evict_clean": ("tab:gray", "*", "-"),
     "evict_zero": ("tab:olive", "X", "-"),
     "oversubscribe": ("tab:green", "P", "-"),
+    "swap": ("tab:purple", "h", "-."),
 }
 _OTHER = ("tab:gray", ".", "-")
 

@@ -60,6 +60,7 @@ STEPS: dict[str, tuple[str, ...]] = {
     "first": ("evict_first", "restore_first"),
     "evict_zero": ("evict_zero",),
     "oversubscribe": ("oversubscribe",),
+    "swap": ("swap",),
     "uvm": ("uvm_evict", "uvm_restore"),
     "torch": ("torch_d2h", "torch_h2d"),
     "torch_step": ("torch_step",),
@@ -167,6 +168,7 @@ def step_needs(step: str, size: int, on_host: bool, staging: Staging) -> tuple[i
     evict_restore / first: the buffer; store pages, a read-back copy (first: plus a new
     staging ring per repeat).  evict_zero: the buffer and its zero template.
     oversubscribe: half of 8 buffers on the device, the other half in the store, plus the
+    read-back.  swap: two buffers, one on the device; both in the store at worst, and the
     read-back.  uvm: managed memory, on the device then on the host; the read-back.
     torch: a tensor; a pinned tensor.  torch_step runs once per run, whatever ``size``:
     here the estimate for the largest model it builds (cuda, not quick), an upper bound;
@@ -185,6 +187,7 @@ def step_needs(step: str, size: int, on_host: bool, staging: Staging) -> tuple[i
         "first": (size, 2 * size + pinned),
         "evict_zero": (size, size),
         "oversubscribe": (sc.OVERSUB_BUFFERS * size // 2, (sc.OVERSUB_BUFFERS // 2 + 1) * size),
+        "swap": (size, 3 * size),
         "uvm": (size, 2 * size),
         "torch": (size, size),
     }[step]
@@ -338,9 +341,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None,
                                               "and its prefetches need a CUDA GPU"))
         below = [s for s in sizes if s < OVERSUB_MIN]
         if below:
-            skipped.append(_skip("oversubscribe", None,
-                                 f"runs only for sizes >= {fmt_size(OVERSUB_MIN)}; not run at "
-                                 f"{', '.join(fmt_size(s) for s in below)}"))
+            for step in ("oversubscribe", "swap"):
+                skipped.append(_skip(step, None,
+                                     f"runs only for sizes >= {fmt_size(OVERSUB_MIN)}; not run "
+                                     f"at {', '.join(fmt_size(s) for s in below)}"))
         above = [s for s in sizes if s > PAGE_AT_A_TIME_CAP]
         if above:
             skipped.append({"step": "alternatives", "scenarios": ["page_at_a_time"],
@@ -349,7 +353,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None,
                                       f"(one copy call per 4 KiB is slow); not run at "
                                       f"{', '.join(fmt_size(s) for s in above)}"})
         per_size = 5 + (backend.name == "cuda") + (no_torch is None)
-        steps = (cfg.host_limits + sum(per_size + (s >= OVERSUB_MIN) for s in sizes)
+        steps = (cfg.host_limits + sum(per_size + 2 * (s >= OVERSUB_MIN) for s in sizes)
                  + (no_torch_step is None))
         header = (f"backend {backend.name} ({backend.reason}); device {backend.device_name}; "
                   f"sizes {', '.join(fmt_size(s) for s in sizes)}")
@@ -546,6 +550,15 @@ def _run_size(run: _Run, size: int, *, with_torch: bool) -> None:
             r.update(effective_ratio=ideal / o.seconds, ideal_seconds=ideal)
         return [r]
 
+    def swap_step() -> list[dict[str, Any]]:
+        t, swaps = sc.swap_times(device_arg(backend), cfg.page_size, cfg.staging, data, rep)
+        how = ("restored into the victim's memory while it is evicted" if swaps else
+               "swap on a miss is off here (on for cuda): evict, then restore, in series")
+        return [rec("swap", size, t, link_gbps=link.get("roundtrip"), direction="roundtrip",
+                    repeats=rep, swaps=swaps,
+                    note=f"a miss under a one-buffer limit: {how}; link = size / (d2h + h2d "
+                         "link times), so > 1 means the two directions overlapped")]
+
     def uvm_step() -> list[dict[str, Any]]:
         why = uvm_unusable(backend, size)
         if why is not None:
@@ -571,6 +584,7 @@ def _run_size(run: _Run, size: int, *, with_torch: bool) -> None:
     run.guarded("evict_zero", size, zero_step)
     if size >= OVERSUB_MIN:
         run.guarded("oversubscribe", size, over_step)
+        run.guarded("swap", size, swap_step)
     if backend.name == "cuda":
         run.guarded("uvm", size, uvm_step)
     if with_torch:

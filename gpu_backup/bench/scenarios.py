@@ -32,7 +32,7 @@ __all__ = [
     "OversubResult", "write_device", "read_device", "check_equal", "record", "roundtrip_gbps",
     "raw_buffers", "link_times", "page_at_a_time_times", "pageable_times",
     "evict_restore_times", "first_cycle_times", "evict_zero_times", "oversubscribe",
-    "torch_times",
+    "swap_times", "torch_times",
 ]
 
 PAGE_CHUNK = 4096
@@ -324,6 +324,63 @@ def evict_zero_times(device: Any, page_size: int, staging: Staging, size: int,
         check_equal(buf.to_host(), zeros, "evict_zero")
         buf.free()
     return times
+
+
+def swap_times(device: Any, page_size: int, staging: Staging, data: np.ndarray,
+               repeats: int | Repeats, *, swap: bool | None = None,
+               series: list[float] | None = None) -> tuple[list[float], int]:
+    """A miss under a one-buffer ``device_limit``: two buffers of ``data.size`` B, one
+    resident; each timed repeat is ``access("rw")`` of the evicted one, which evicts the
+    other to make room.  With swap on a miss (``swap`` None: the manager's default, on for
+    cuda) the target is restored into the victim's memory while the victim is evicted from
+    it, both directions at once; otherwise the two run in series.
+
+    ``series`` (a list): also time, alternating with the swaps, the same miss done in
+    series (``victim.evict()`` then the restore), appended there.  Returns the swap times
+    and how many misses the manager served by swapping; both buffers are checked at the
+    end."""
+    size = data.size
+    datas = [data, data[::-1].copy()]
+    with BufferManager(device, device_limit=size, page_size=page_size,
+                       staging=staging) as mgr:
+        if swap is not None:
+            mgr._pager.swap_on_miss = swap
+        bufs = []
+        try:
+            for d in datas:
+                b = mgr.alloc(size)         # the second evicts the first
+                with b.access("w") as arr:
+                    write_device(arr, d)
+                bufs.append(b)
+            resident, evicted = bufs[1], bufs[0]
+
+            def miss(first_evict: bool) -> float:
+                nonlocal resident, evicted
+                t0 = time.perf_counter()
+                if first_evict:
+                    resident.evict()
+                with evicted.access("rw"):  # rw: the backups go, the next eviction copies
+                    pass
+                dt = time.perf_counter() - t0
+                resident, evicted = evicted, resident
+                return dt
+
+            for _ in range(2):              # untimed: the store's pages and the pools warm
+                miss(False)
+            swaps0 = mgr.stats()["swaps"]
+            times: list[float] = []
+            timed = (times,) if series is None else (times, series)
+            for _ in as_repeats(repeats).cycles(*timed):
+                times.append(miss(False))
+                if series is not None:
+                    series.append(miss(True))
+            swaps = mgr.stats()["swaps"] - swaps0
+            for b, d in zip(bufs, datas):
+                check_equal(b.to_host(), d, "swap")
+        finally:
+            for b in bufs:
+                b.free()
+    return times, swaps
 
 
 @dataclass
