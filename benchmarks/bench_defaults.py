@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     n, _, s = args.over.lower().partition("x")
     rows = [cycles(args.device, size, args.repeat) for size in parse_sizes(args.sizes)]
     rows.append(oversubscribe(args.device, int(n), parse_size(s.upper()), args.touches,
-                              max(3, args.repeat // 2)))
+                              max(3, args.repeat)))
     backend = "host" if args.device == "host" else args.device
     print(f"BufferManager() defaults vs an explicitly warm store, device {args.device}"
           + ("  (HOST BACKEND: host figures, not GPU figures)" if backend == "host" else ""))
