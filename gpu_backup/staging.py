@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ._check import check_count
 from ._runs import runs_of
 from .errors import ClosedError, CopyError
 from .store.protocol import PageStore
@@ -53,10 +54,10 @@ class Staging:
     threads: int = 2
 
     def __post_init__(self) -> None:
-        if self.slots < 1 or self.threads < 1:
-            raise ValueError(f"staging needs slots >= 1 and threads >= 1, got {self.slots=} {self.threads=}")
-        if self.slot_bytes < 1:
-            raise ValueError(f"{self.slot_bytes=} must be > 0")
+        # ints only: a float (1.5e6) would be truncated silently, or fail deep in a copy
+        for name, minimum in (("slots", 1), ("slot_bytes", 1), ("threads", 1)):
+            object.__setattr__(self, name, check_count(getattr(self, name), f"Staging.{name}",
+                                                       minimum=minimum))
 
 
 def pieces(pages: np.ndarray, max_pages: int) -> tuple[np.ndarray, np.ndarray]:
