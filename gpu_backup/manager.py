@@ -75,11 +75,12 @@ class BufferManager:
                  zero_scan: bool | None = None) -> None:
         self.page_size = check_page_size(page_size)
         if store is not None:
+            # closed first: a closed store's properties raise, and isinstance reads them
+            if getattr(store, "closed", False) is True:
+                raise ClosedError(f"the store handed to BufferManager is closed: {store!r}")
             if not isinstance(store, PageStore):
                 raise TypeError(f"store must be a PageStore (ShmemStore, FileStore, TieredStore), "
                                 f"got {type(store).__name__}")
-            if store.closed:
-                raise ClosedError(f"the store handed to BufferManager is closed: {store!r}")
             if store.page_size != self.page_size:
                 raise ValueError(f"store page_size={store.page_size:,} differs from {page_size=:,}")
         if host_capacity is not None:
