@@ -176,6 +176,7 @@ class Buffer:
         stream, not the device) for the last recorded use.  Purgeable buffers are
         discarded instead.  Raises :class:`BufferBusyError` inside ``access()``.
         """
+        self._mgr._check_open()
         return self._mgr._evict(self, blocking=True, wait=True)
 
     @contextlib.contextmanager
@@ -199,7 +200,11 @@ class Buffer:
         if mode not in _MODES:
             raise ValueError(f"mode={mode!r} must be one of {_MODES}")
         mgr = self._mgr
+        mgr._check_open()   # closed (or inherited through fork) says so, not "freed"
         user = mgr.backend.user_stream(stream)
+        if not callable(getattr(user, "wait_event", None)):
+            raise TypeError(f"stream must be a {mgr.backend.name} stream (or None for the "
+                            f"current one), got {type(stream).__name__} {stream!r}")
         with self._lock:
             if self.freed:
                 raise BufferFreedError(f"buffer #{self.id} ({self.nbytes:,} B) was freed")
@@ -226,6 +231,9 @@ class Buffer:
 
     def free(self) -> None:
         """Return the device memory and store pages now.  Idempotent."""
+        if self._mgr._fork.inherited:   # a forked child: forget, never release the parent's pages
+            self._finalizer.detach()
+            return
         with self._lock:
             if self._pins:
                 raise BufferBusyError(f"buffer #{self.id} is inside access() in {self._pins} thread(s)")
@@ -238,6 +246,11 @@ class Buffer:
 
     def to_host(self) -> np.ndarray:
         """A host copy of the buffer's bytes (restores it if needed; for tests and debugging)."""
+        self._mgr._check_open()
+        if self.npages == 0:
+            if self.freed:
+                raise BufferFreedError(f"buffer #{self.id} ({self.nbytes:,} B) was freed")
+            return np.empty(0, np.uint8)
         self._pages.uses.synchronize()  # the users' work on it has finished
         with self.access("r"):
             return self._mgr.backend.to_host(self._pages.mem, self.nbytes)

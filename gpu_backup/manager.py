@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _faults
+from ._check import check_count
+from ._fork import ForkGuard
 from ._os import host_memory
 from .buffer import Buffer, _Pages
 from .device import open_backend
@@ -72,10 +75,23 @@ class BufferManager:
                  staging: Staging | None = None, host_capacity: int | None = None,
                  zero_scan: bool | None = None) -> None:
         self.page_size = check_page_size(page_size)
-        if store is not None and store.page_size != self.page_size:
-            raise ValueError(f"store page_size={store.page_size:,} differs from {page_size=:,}")
+        if store is not None:
+            # closed first: a closed store's properties raise, and isinstance reads them
+            if getattr(store, "closed", False) is True:
+                raise ClosedError(f"the store handed to BufferManager is closed: {store!r}")
+            if not isinstance(store, PageStore):
+                raise TypeError(f"store must be a PageStore (ShmemStore, FileStore, TieredStore), "
+                                f"got {type(store).__name__}")
+            if store.page_size != self.page_size:
+                raise ValueError(f"store page_size={store.page_size:,} differs from {page_size=:,}")
+        if host_capacity is not None:
+            check_count("host_capacity", host_capacity, minimum=1)
+        if staging is not None and not isinstance(staging, Staging):
+            raise TypeError(f"staging must be a Staging, got {type(staging).__name__}")
         _resolve_limit(device_limit, 1)  # check it before anything is created
         self._closed = True
+        self._finished = True   # set once close() has let go of everything
+        self._fork = ForkGuard()
         owned: list[Any] = []  # what this constructor made, closed again if a later step fails
         try:
             self.backend = open_backend(device, host_capacity=host_capacity)
@@ -87,15 +103,21 @@ class BufferManager:
             self.store: PageStore = store
             self._ring = StagingRing(self.backend, self.store, staging or Staging(), self.page_size)
             owned.append(self._ring)
-            self.device_limit = _resolve_limit(device_limit, self.backend.mem_info()[1])
+            self._device_total = self.backend.mem_info()[1]
+            self.device_limit = _resolve_limit(device_limit, self._device_total)
         except BaseException:
             for thing in reversed(owned):
                 thing.close()
             raise
         self._lock = threading.RLock()
+        # Notified whenever device bytes are released: allocations waiting for an eviction
+        # in flight on another thread wake on it (see _await_release).
+        self._mem_freed = threading.Condition(self._lock)
+        self._dev_bytes = 0           # device bytes held or reserved (the _device_bytes property)
+        self._released_total = 0      # device bytes ever released: reclaim's progress measure
         self._graveyard: deque[tuple[int, _Pages]] = deque()  # collected buffers to release
+        self._drain_lock = threading.Lock()
         self._lru: OrderedDict[int, weakref.ref[Buffer]] = OrderedDict()
-        self._device_bytes = 0
         self._ids = itertools.count(1)
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
         self._peak = 0
@@ -112,15 +134,38 @@ class BufferManager:
                             zero_scan_failed=self._zero_scan_failed)
         self._pager.find_victim = self._swap_victim
         self._closed = False
+        self._finished = False
         log.info("BufferManager on %s (%s): page_size=%d, staging %d x %d B, limit=%s",
                  self.backend.name, self.backend.reason, self.page_size, self._ring.config.slots,
                  self._ring.slot_bytes, self.device_limit)
 
     # ------------------------------------------------------------- properties
+    reclaim_wait = 10.0
+    """Seconds an allocation may wait, at most, for device memory that other threads are
+    releasing (an eviction in flight) before it raises :class:`OutOfDeviceMemory`."""
+
     @property
     def device_bytes(self) -> int:
-        """Device bytes held by this manager's buffers now."""
-        return self._device_bytes
+        """Device bytes held by this manager's buffers now (buffers collected by the garbage
+        collector are released first, so the figure is current)."""
+        if self._graveyard:
+            self._drain()
+        return self._dev_bytes
+
+    @property
+    def _device_bytes(self) -> int:
+        return self._dev_bytes
+
+    @_device_bytes.setter
+    def _device_bytes(self, value: int) -> None:
+        # Every change goes through here (callers hold the lock; it is reentrant), so that a
+        # release wakes the allocations waiting for one and counts as reclaim progress.
+        with self._lock:
+            released = self._dev_bytes - value
+            self._dev_bytes = value
+            if released > 0:
+                self._released_total += released
+                self._mem_freed.notify_all()
 
     @property
     def closed(self) -> bool:
@@ -160,59 +205,162 @@ class BufferManager:
 
         Device memory is whole pages.  When the device limit or the device itself is
         short, idle buffers are evicted first; :class:`OutOfDeviceMemory` if that is
-        not enough.
+        not enough (at once, evicting nothing, when ``nbytes`` exceeds the device or the
+        limit).
         """
         self._check_open()
+        nbytes = check_count("nbytes", nbytes)
         self._drain()
-        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
-            raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
-        nbytes = int(nbytes)
-        if nbytes < 0:
-            raise ValueError(f"{nbytes=} must be >= 0")
         npages = -(-nbytes // self.page_size)
         held = npages * self.page_size
         mem = self._device_alloc(held) if held else None
-        pages = _Pages(npages, mem, held)
-        buf = Buffer(self, nbytes, npages, bool(purgeable), pages, next(self._ids))
-        with self._lock:
-            self._lru[buf.id] = weakref.ref(buf)
-        return buf
+        pages = None
+        try:
+            _faults.point("alloc.device_allocated")
+            pages = _Pages(npages, mem, held)
+            # From here the buffer's finalizer owns the memory; until then, the except below.
+            buf = Buffer(self, nbytes, npages, bool(purgeable), pages, next(self._ids))
+            _faults.point("alloc.buffer_made")
+            with self._lock:
+                self._lru[buf.id] = weakref.ref(buf)
+            return buf
+        except BaseException:
+            # Interrupted before the caller got the buffer: give the reservation back now, not
+            # at some later collection (a Buffer made meanwhile is already unreachable; its
+            # release finds nothing left to do).
+            with self._lock:
+                if pages is None:
+                    self._device_bytes -= held
+                elif pages.mem is not None:
+                    freed, pages.held, pages.mem = pages.held, 0, None
+                    self._device_bytes -= freed
+            raise
 
     def _device_alloc(self, nbytes: int) -> Any:
         """Device memory of ``nbytes``, reclaiming when the limit or the device is short.
 
         The bytes are reserved against ``device_limit`` under the lock before the real
-        allocation, so concurrent allocations never take the manager past its limit."""
+        allocation, so concurrent allocations never take the manager past its limit.
+        Reclaim progress is what the manager's accounting shows released, not what
+        shrinkers claim; when nothing can be evicted now but other threads are releasing
+        memory (an eviction in flight), this waits for it, up to ``reclaim_wait`` seconds."""
         limit = self.device_limit
+        if nbytes > self._device_total:
+            raise OutOfDeviceMemory(
+                f"cannot allocate {nbytes:,} B on {self.backend.name}: larger than the whole "
+                f"device ({self._device_total:,} B); nothing was evicted")
         if limit is not None and nbytes > limit:
             raise OutOfDeviceMemory(
-                f"cannot allocate {nbytes:,} B: larger than device_limit={limit:,} B")
-        fruitless = 0
-        while True:
-            with self._lock:
-                over = 0 if limit is None else self._device_bytes + nbytes - limit
-                if over <= 0:
-                    self._device_bytes += nbytes
-                    self._peak = max(self._peak, self._device_bytes)
-                    break
-            if self._reclaimer.reclaim(over, [self._lru_shrinker]) == 0:
-                fruitless += 1
-                if fruitless > 2:
-                    raise self._oom(nbytes, f"device_limit={limit:,} B reached")
-                time.sleep(0.001 * fruitless)  # another thread may be finishing an eviction
+                f"cannot allocate {nbytes:,} B: larger than device_limit={limit:,} B; nothing "
+                f"was evicted")
+        reserved = False
         try:
+            fruitless, deadline = 0, None
             while True:
+                with self._lock:
+                    over = 0 if limit is None else self._dev_bytes + nbytes - limit
+                    if over <= 0:
+                        self._device_bytes += nbytes
+                        reserved = True
+                        self._peak = max(self._peak, self._dev_bytes)
+                        break
+                    mark = self._released_total
+                _faults.point("alloc.reclaim")
+                self._drain()
+                if self._reclaimer.reclaim(over, [self._lru_shrinker],
+                                           progress=self._released_bytes) > 0:
+                    fruitless = 0
+                    continue
+                fruitless += 1
+                deadline = self._await_release(nbytes, 0, mark, fruitless, deadline,
+                                               f"device_limit={limit:,} B reached")
+            _faults.point("alloc.reserved")
+            fruitless, deadline = 0, None
+            while True:
+                with self._lock:
+                    mark = self._released_total
                 try:
-                    return self.backend.alloc(nbytes)
+                    mem = self.backend.alloc(nbytes)
+                    # Let go of an earlier attempt's error: its traceback holds this frame,
+                    # and through it ``mem``, until a garbage collection.
+                    cause = None
+                    break
                 except Exception as e:
                     if not is_device_oom(e):
                         raise
-                    if self._reclaimer.reclaim(nbytes) == 0:
-                        raise self._oom(nbytes, str(e)) from e
+                    cause = e
+                _faults.point("alloc.device_reclaim")
+                if self._reclaimer.reclaim(nbytes, progress=self._device_progress()) > 0:
+                    fruitless = 0
+                    continue
+                fruitless += 1
+                try:
+                    deadline = self._await_release(nbytes, nbytes, mark, fruitless, deadline,
+                                                   str(cause))
+                except OutOfDeviceMemory as oom:
+                    raise oom from cause   # the allocator's own error, as the cause
+            _faults.point("alloc.allocated")
+            return mem
         except BaseException:
-            with self._lock:
-                self._device_bytes -= nbytes
+            if reserved:
+                with self._lock:
+                    self._device_bytes -= nbytes
             raise
+
+    def _released_bytes(self) -> int:
+        return self._released_total
+
+    def _device_progress(self) -> Any:
+        """Progress of a reclaim for a real device OOM: bytes this manager released, or the
+        rise in the device's free memory, whichever is larger (an application cache frees
+        device memory the manager does not account)."""
+        base_rel, base_free = self._released_total, self.backend.mem_info()[0]
+
+        def progress() -> int:
+            return max(self._released_total - base_rel, self.backend.mem_info()[0] - base_free)
+        return progress
+
+    def _await_release(self, nbytes: int, own: int, mark: int, fruitless: int,
+                       deadline: float | None, why: str) -> float:
+        """A reclaim for ``nbytes`` freed nothing.  Raise :class:`OutOfDeviceMemory` unless
+        device memory is on its way back: then wait for a release (on a condition, not a
+        poll) and return the deadline of the whole wait.  ``own``: bytes the caller has
+        reserved itself; ``mark``: ``_released_total`` before the reclaim."""
+        if self._reclaimer.active:   # inside a shrinker: waiting could wait for itself
+            raise self._oom(nbytes, why + " (allocating inside a shrinker: no reclaim)")
+        with self._lock:
+            in_transit, idle = self._in_transit(own)
+            if in_transit or (idle and fruitless < 3):
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.reclaim_wait
+                if now < deadline:
+                    if in_transit:
+                        # Short slices: a buffer whose eviction fails releases nothing.
+                        self._mem_freed.wait_for(lambda: self._released_total != mark,
+                                                 timeout=min(deadline - now, 0.05))
+                    return deadline
+                why += f" (waited {self.reclaim_wait:g} s for memory other threads held)"
+        raise self._oom(nbytes, why)
+
+    def _in_transit(self, own: int) -> tuple[bool, bool]:
+        """(some device bytes are being released or reserved by another thread now, some
+        idle buffer could be evicted).  Caller holds the lock."""
+        attached, moving, idle = 0, bool(self._graveyard), False
+        for ref in self._lru.values():
+            b = ref()
+            if b is None:
+                moving = True  # collected: its release is queued
+                continue
+            held = b._pages.held
+            attached += held
+            if held and not b._pins:
+                if b._lock.locked():
+                    moving = True  # another thread is evicting or freeing it
+                else:
+                    idle = True
+        # Reservations of allocations and restores in flight on other threads.
+        return moving or self._dev_bytes - own > attached, idle
 
     def _oom(self, nbytes: int, why: str) -> OutOfDeviceMemory:
         bufs = self.buffers()
@@ -249,9 +397,10 @@ class BufferManager:
         the bytes freed.  Never blocks on a buffer another thread holds; called from inside
         a shrinker on the same thread, it returns 0 rather than recurse."""
         self._check_open()
+        nbytes = check_count("nbytes", nbytes)
         self._drain()
         with self.backend.nvtx("gpu_backup.reclaim"):
-            return self._reclaimer.reclaim(int(nbytes))
+            return self._reclaimer.reclaim(nbytes)
 
     def register_shrinker(self, shrinker: Shrinker) -> None:
         """Add a shrinker (``count()`` / ``scan(nr_to_scan)`` in bytes) to this manager's
@@ -361,28 +510,32 @@ class BufferManager:
 
     def _reap_later(self, buf_id: int, p: _Pages) -> None:
         """Finalizer of a collected buffer.  Garbage collection may run on any thread, in
-        the middle of any locked section, so this only queues; ``_drain`` releases."""
-        self._graveyard.append((buf_id, p))
+        the middle of any locked section, so this only queues (no lock); ``_drain``
+        releases.  In a forked child nothing is queued: the pages are the parent's."""
+        if not self._fork.inherited:
+            self._graveyard.append((buf_id, p))
 
     def _drain(self) -> None:
         """Release what collected buffers held, and drop again the store pages of failed
-        drops.  Called at safe points (alloc, shrink, stats, close)."""
+        drops.  Called at safe points (alloc, shrink, stats, close, ``device_bytes``).  An
+        entry leaves the queue only once released, so an interrupt leaves it for the next
+        drain (releasing is idempotent)."""
+        if self._fork.inherited:
+            return
         if self._pager._undropped:
             try:
                 self._pager.retry_drops()
             except Exception as e:  # noqa: BLE001 - kept for the next safe point
                 log.warning("dropping %d store pages failed again (%s: %s); retried later",
                             self._pager.undropped_pages, type(e).__name__, e)
-        while self._graveyard:
-            try:
-                buf_id, p = self._graveyard.popleft()
-            except IndexError:
-                return
-            try:
+        if not self._graveyard:
+            return
+        with self._drain_lock:
+            while self._graveyard:
+                buf_id, p = self._graveyard[0]
                 self._reap(buf_id, p)
-            except BaseException:
-                self._graveyard.appendleft((buf_id, p))   # released at the next safe point
-                raise
+                _faults.point("drain.reaped")
+                self._graveyard.popleft()
 
     def _reap(self, buf_id: int, p: _Pages) -> None:
         """Release a buffer's device memory and store pages (idempotent), then forget it."""
@@ -392,22 +545,34 @@ class BufferManager:
 
     # ------------------------------------------------------------- life cycle
     def _check_open(self) -> None:
+        self._fork.check("BufferManager")
         if self._closed:
             raise ClosedError("BufferManager is closed")
 
     def close(self) -> None:
-        """Free every buffer, stop the staging ring, close the store if owned.  Idempotent."""
-        if self._closed:
+        """Free every buffer, stop the staging ring, close the store if owned.  Idempotent;
+        after an interruption, calling it again finishes the job.
+
+        In a forked child it only forgets the child's references: the store's pages are
+        shared with the parent, and there are no copy threads to stop."""
+        if self._finished:
+            return
+        self._closed = True   # new operations are refused from here on
+        if self._fork.inherited:
+            self._forget_inherited()
             return
         try:
             self._cupy_hook.uninstall()
             for buf in self.buffers():
                 with buf._lock:
-                    if buf._finalizer.detach() is not None:
+                    if buf._finalizer.alive:
+                        # Released before the finalizer is detached: an interrupt between
+                        # the two leaves a finalizer that finds nothing left to release.
                         self._reap(buf.id, buf._pages)
+                        _faults.point("close.reaped")
+                        buf._finalizer.detach()
             self._drain()
         finally:
-            self._closed = True
             try:
                 self._ring.close()
             finally:
@@ -416,8 +581,22 @@ class BufferManager:
                         self.store.close()
                 finally:
                     self.backend.close()
+        self._finished = True
+
+    def _forget_inherited(self) -> None:
+        """close() in a forked child: drop references, release nothing shared."""
+        with self._lock:
+            refs = list(self._lru.values())
+            self._lru.clear()
+        for ref in refs:
+            buf = ref()
+            if buf is not None:
+                buf._finalizer.detach()
+        self._graveyard.clear()
+        self._finished = True
 
     def __enter__(self) -> BufferManager:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -123,17 +123,23 @@ class Pager:
     def _drop(self, handles: np.ndarray) -> None:
         """Drop store pages that no page table references any more (the table forgot them
         first).  A store that raises before changing anything (an I/O error, closed) keeps
-        them: they are kept here and dropped again by the next drop or :meth:`retry_drops`,
-        never leaked.  (A Ctrl-C cannot land inside: every caller defers it.)"""
+        them: they are kept here, with a warning, and dropped again by the next drop or
+        :meth:`retry_drops` (the manager's safe points), never leaked.  The operation that
+        let go of them has done its job, so it does not fail for it.  (A Ctrl-C cannot
+        land inside: every caller defers it.)"""
         if self._undropped:
-            self.retry_drops()
+            try:
+                self.retry_drops()
+            except Exception:   # noqa: BLE001 - still kept; warned when it first failed
+                pass
         try:
             self.store.drop(handles)
         except KeyboardInterrupt:
             raise
-        except BaseException:
+        except Exception as e:
             self._undropped.append(handles)
-            raise
+            log.warning("dropping %d store pages failed (%s: %s); kept and retried later",
+                        handles.size, type(e).__name__, e)
 
     def retry_drops(self) -> int:
         """Drop the store pages an earlier failed drop kept; returns how many went.  Stops

@@ -23,10 +23,13 @@ import math
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import numpy as np
+
+from . import _faults
 from .device.cupy_hook import CupyAllocatorHook  # re-exported: the hook has its own module
-from .errors import GpuBackupError
 
 if TYPE_CHECKING:
     from .buffer import Buffer
@@ -65,7 +68,8 @@ class Reclaimer:
         self._local = threading.local()
         self.stats: dict[str, Any] = {"reclaim_calls": 0, "reclaim_bytes_asked": 0,
                                       "reclaim_bytes_freed": 0, "reclaim_seconds": 0.0,
-                                      "reclaim_recursions_refused": 0}
+                                      "reclaim_recursions_refused": 0,
+                                      "reclaim_shrinkers_skipped": 0, "reclaim_false_claims": 0}
 
     def register(self, shrinker: Shrinker) -> None:
         if not isinstance(shrinker, Shrinker):
@@ -93,9 +97,16 @@ class Reclaimer:
         """True on a thread that is inside a reclaim right now."""
         return getattr(self._local, "depth", 0) > 0
 
-    def reclaim(self, nbytes: int, shrinkers: list[Shrinker] | None = None) -> int:
+    def reclaim(self, nbytes: int, shrinkers: list[Shrinker] | None = None, *,
+                progress: Callable[[], int] | None = None) -> int:
         """Ask shrinkers to free ``nbytes``; returns the bytes freed (0 when called from
-        inside a reclaim on the same thread)."""
+        inside a reclaim on the same thread).
+
+        ``progress``: a counter of bytes actually released (the manager's accounting).
+        With it, each scan's result is what the counter shows, not what the shrinker
+        claims, and a shrinker that claims bytes the counter does not show is skipped
+        for the rest of this reclaim.  A shrinker that raises or returns something other
+        than an int >= 0 or ``SHRINK_STOP`` is skipped too, with a warning naming it."""
         if nbytes <= 0:
             return 0
         if self.active:
@@ -114,10 +125,11 @@ class Reclaimer:
                 for s in pool:
                     if id(s) in stopped:
                         continue
-                    try:
-                        c = s.count()
-                    except Exception as e:  # noqa: BLE001 - one bad shrinker must not fail reclaim
-                        log.warning("shrinker %r: count() raised %r; skipped", s, e)
+                    c = self._call(s, "count()", s.count)
+                    if c is None or (c < 0 and c != SHRINK_EMPTY):
+                        if c is not None:
+                            self._skip(s, f"count() returned {c}: expected bytes >= 0 or "
+                                          f"SHRINK_EMPTY")
                         stopped.add(id(s))
                         continue
                     if c > 0:
@@ -129,18 +141,26 @@ class Reclaimer:
                     if want <= 0:
                         break
                     ask = min(c, want, math.ceil(deficit * w / total_weight)) if rnd == 0 else want
-                    try:
-                        got = s.scan(max(1, ask))
-                    except Exception as e:  # noqa: BLE001 - as SHRINK_STOP, and said
-                        log.warning("shrinker %r: scan(%d) raised %r; treated as SHRINK_STOP",
-                                    s, ask, e)
-                        got = SHRINK_STOP
-                    if got == SHRINK_STOP:
+                    ask = max(1, ask)
+                    mark = progress() if progress is not None else 0
+                    got = self._call(s, f"scan({ask})", s.scan, ask)
+                    _faults.point("reclaim.scanned")
+                    if got is None or got == SHRINK_STOP:
                         stopped.add(id(s))
                         continue
                     if got < 0:
-                        raise GpuBackupError(f"shrinker {s!r} returned {got} from scan(); "
-                                             f"expected bytes freed >= 0 or SHRINK_STOP")
+                        self._skip(s, f"scan({ask}) returned {got}: expected bytes freed >= 0 "
+                                      f"or SHRINK_STOP")
+                        stopped.add(id(s))
+                        continue
+                    if progress is not None:
+                        actual = progress() - mark
+                        if got > 0 and actual <= 0:
+                            self._skip(s, f"scan({ask}) claimed {got:,} B freed, but no device "
+                                          f"memory was released", liar=True)
+                            stopped.add(id(s))
+                            continue
+                        got = max(actual, 0)
                     freed += got
                 if freed >= nbytes or freed == before:
                     break  # done, or a whole round made no progress
@@ -152,6 +172,36 @@ class Reclaimer:
                 self.stats["reclaim_bytes_freed"] += freed
                 self.stats["reclaim_seconds"] += time.perf_counter() - t0
         return freed
+
+    def _call(self, s: Shrinker, what: str, fn: Callable[..., Any], *args: Any) -> int | None:
+        """``fn(*args)`` as an int; None (said, and the shrinker skipped) when it raises or
+        returns something else.  ``SHRINK_STOP``/``SHRINK_EMPTY`` pass through."""
+        try:
+            value = fn(*args)
+        except Exception as e:  # noqa: BLE001 - one bad shrinker must not fail reclaim
+            self._skip(s, f"{what} raised {type(e).__name__}: {e}")
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            self._skip(s, f"{what} returned {value!r} ({type(value).__name__}): expected an "
+                          f"int number of bytes")
+            return None
+        return int(value)
+
+    def _skip(self, s: Shrinker, why: str, *, liar: bool = False) -> None:
+        # The message is formatted here: a log record keeps its arguments, and must not
+        # keep an exception (its traceback holds frames, buffers, device memory) alive.
+        log.warning(f"shrinker {_name(s)}: {why}; skipped for the rest of this reclaim")
+        with self._lock:
+            self.stats["reclaim_shrinkers_skipped"] += 1
+            if liar:
+                self.stats["reclaim_false_claims"] += 1
+
+
+def _name(s: object) -> str:
+    try:
+        return repr(s)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real problem
+        return f"<{type(s).__name__} object>"
 
 
 class LruShrinker:
@@ -182,14 +232,14 @@ class LruShrinker:
 
     def count(self) -> int:
         mgr = self._mgr()
-        if mgr is None or mgr.closed:
+        if mgr is None or mgr.closed or mgr._fork.inherited:
             return SHRINK_EMPTY
         n = sum(b.device_bytes for b in mgr.buffers() if not b.pinned)
         return n if n > 0 else SHRINK_EMPTY
 
     def scan(self, nr_to_scan: int) -> int:
         mgr = self._mgr()
-        if mgr is None or mgr.closed:
+        if mgr is None or mgr.closed or mgr._fork.inherited:
             return SHRINK_STOP
         order = [b for b in mgr.buffers() if b.device_bytes]
         freed = 0
@@ -208,7 +258,10 @@ class LruShrinker:
                 try:
                     got = mgr._evict(buf, blocking=False, wait=pas == "wait")
                 except Exception as e:  # noqa: BLE001 - skip it; it goes to the LRU tail
-                    log.warning("reclaim: evicting buffer #%d failed: %s", buf.id, e)
+                    # Formatted now: the record must not keep the exception (nor, through
+                    # its traceback, the buffer) alive.
+                    log.warning(f"reclaim: evicting buffer #{buf.id} failed: "
+                                f"{type(e).__name__}: {e}")
                     mgr._touch(buf)
                     continue
                 self.stats[f"{pas}_freed"] += got

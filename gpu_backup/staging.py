@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import _faults
+from ._check import check_count
 from ._interrupts import deferred_interrupt, uninterrupted
 from ._runs import runs_of
 from .errors import ClosedError, CopyError
@@ -105,21 +106,16 @@ class Staging:
     zero_run_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
-        for name in ("slots", "slot_bytes", "threads", "zero_run_bytes"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
-                raise TypeError(f"Staging {name} must be an int, got {v!r}")
-        threads = default_threads() if self.threads is None else int(self.threads)
-        slots = 2 * threads if self.slots is None else int(self.slots)
-        if slots < 1 or threads < 1:
-            raise ValueError(f"staging needs slots >= 1 and threads >= 1, got slots={slots} "
-                             f"threads={threads}")
-        if self.slot_bytes < 1:
-            raise ValueError(f"slot_bytes={self.slot_bytes} must be > 0")
-        if self.zero_run_bytes < 1:
-            raise ValueError(f"zero_run_bytes={self.zero_run_bytes} must be > 0")
+        # ints only: a float (1.5e6) would be truncated silently, or fail deep in a copy
+        threads = (default_threads() if self.threads is None else
+                   check_count("Staging.threads", self.threads, minimum=1))
+        slots = (2 * threads if self.slots is None else
+                 check_count("Staging.slots", self.slots, minimum=1))
         object.__setattr__(self, "threads", threads)
         object.__setattr__(self, "slots", slots)
+        for name in ("slot_bytes", "zero_run_bytes"):
+            object.__setattr__(self, name, check_count(f"Staging.{name}", getattr(self, name),
+                                                       minimum=1))
 
 
 def pieces(pages: np.ndarray, max_pages: int) -> tuple[np.ndarray, np.ndarray]:

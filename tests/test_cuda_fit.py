@@ -75,17 +75,23 @@ def test_what_is_not_device_oom():
 
 # ------------------------------------------------- manager paths: alloc, restore, scan
 class CountingShrinker:
-    """Frees ``per_scan`` bytes of some other cache per scan."""
+    """An application's cache on the device, outside the manager: ``blocks`` allocations of
+    ``per_scan`` bytes from the manager's backend; each scan frees one (reclaim measures
+    that as a rise in the device's free memory)."""
 
-    def __init__(self, per_scan: int = 1 << 20) -> None:
+    def __init__(self, mgr: gb.BufferManager, per_scan: int = 1 << 20, blocks: int = 4) -> None:
         self.per_scan = per_scan
+        self.blocks = [mgr.backend.alloc(per_scan) for _ in range(blocks)]
         self.calls: list[int] = []
 
     def count(self) -> int:
-        return self.per_scan
+        return self.per_scan * len(self.blocks) or gb.SHRINK_EMPTY
 
     def scan(self, n: int) -> int:
         self.calls.append(n)
+        if not self.blocks:
+            return gb.SHRINK_STOP
+        del self.blocks[-1]
         return self.per_scan
 
 
@@ -107,7 +113,7 @@ def _fail_first_allocs(monkeypatch, mgr, errors: list[BaseException]) -> list[in
 @pytest.mark.parametrize("form", sorted(OOM_FORMS))
 def test_alloc_reclaims_and_retries_on_every_oom_form(form, monkeypatch):
     with host_mgr() as mgr:
-        cache = CountingShrinker()
+        cache = CountingShrinker(mgr)
         mgr.register_shrinker(cache)
         seen = _fail_first_allocs(monkeypatch, mgr, [OOM_FORMS[form](8 * PS)])
         buf = mgr.alloc(8 * PS)
@@ -119,7 +125,7 @@ def test_alloc_reclaims_and_retries_on_every_oom_form(form, monkeypatch):
 @pytest.mark.parametrize("form", sorted(OOM_FORMS))
 def test_restore_reclaims_and_retries_on_every_oom_form(form, monkeypatch, rng):
     with host_mgr() as mgr:
-        cache = CountingShrinker()
+        cache = CountingShrinker(mgr)
         mgr.register_shrinker(cache)
         buf = mgr.alloc(8 * PS)
         data = random_bytes(rng, buf.nbytes)
@@ -144,7 +150,7 @@ def test_oom_after_reclaim_is_out_of_device_memory_with_the_numbers(monkeypatch)
                          ids=["illegal_address", "store_full"])
 def test_other_errors_are_not_reclaimed(error, monkeypatch):
     with host_mgr() as mgr:
-        cache = CountingShrinker()
+        cache = CountingShrinker(mgr)
         mgr.register_shrinker(cache)
         e = error()
         _fail_first_allocs(monkeypatch, mgr, [e])

@@ -464,7 +464,10 @@ def test_fault_at_every_point_loses_nothing_and_releases_nothing_early(fake_mgr,
         fired, raised = _run_with(fake_mgr, rng, point=name, exc=exc)
         if fired:
             hit.add(name)
-            assert raised, f"{name}: the injected {exc.__name__} vanished"
+            # A failed drop of pages no table references is kept and retried (check()
+            # proves none leaked), not raised: the operation that let go of them is done.
+            assert raised or name.startswith("store.drop"), \
+                f"{name}: the injected {exc.__name__} vanished"
     # an error can come from every step; a Ctrl-C from every step that does not hold it off
     assert hit == (set(names) if exc is OSError else set(names) & interruptible)
     assert len(hit) > 20

@@ -4,11 +4,11 @@ message, before anything changes."""
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import numpy as np
 
+from .._check import check_count
 from .._os import OS_PAGE_SIZE
 from ..errors import GpuBackupError, InvalidHandleError
 
@@ -21,19 +21,6 @@ _INT64_MAX = np.iinfo(np.int64).max
 class StoreSetupError(GpuBackupError, OSError):
     """The OS refused to set a store up (create, size or map its file).  Carries the
     errno, the path or name, and the sizes involved; the OS error is its ``__cause__``."""
-
-
-def check_count(name: str, value: Any, *, minimum: int = 0) -> int:
-    """An integer count or size of at least ``minimum``; bools, floats and strings are refused."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if n < minimum:
-        raise ValueError(f"{name}={n:,} must be >= {minimum:,}")
-    return int(n)
 
 
 def check_seconds(name: str, value: Any) -> float:
