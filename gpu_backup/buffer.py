@@ -229,8 +229,12 @@ class Buffer:
         with self._lock:
             if self._pins:
                 raise BufferBusyError(f"buffer #{self.id} is inside access() in {self._pins} thread(s)")
-            if self._finalizer.detach() is not None:
+            if self._finalizer.alive:
+                # Released, then marked freed: an interrupt in between leaves a free() to
+                # call again (releasing twice is harmless), never a buffer marked freed
+                # that still holds memory.
                 self._mgr._reap(self.id, self._pages)
+                self._finalizer.detach()
 
     def to_host(self) -> np.ndarray:
         """A host copy of the buffer's bytes (restores it if needed; for tests and debugging)."""

@@ -138,9 +138,10 @@ class HostBackend:
         total = host_memory.read()["total"]
         self.capacity = int(capacity) if capacity is not None else total // 4
         self.device_name = "host (device memory emulated in RAM)"
-        self._used = 0
-        # Reentrant: an allocation's finalizer (_release) may run from garbage collection
-        # on a thread inside alloc().
+        # Live allocations: (weak reference, bytes).  The bytes in use are summed over the
+        # ones still alive, rather than counted down by a finalizer: a finalizer is Python
+        # code that a KeyboardInterrupt can cut short, leaving its bytes counted for good.
+        self._live: dict[int, tuple[weakref.ref[np.ndarray], int]] = {}
         self._lock = threading.RLock()
         self.copy_stream = HostStream("gpu_backup-host-copy")
         self._immediate = ImmediateStream()
@@ -151,18 +152,24 @@ class HostBackend:
     # memory
     def alloc(self, nbytes: int) -> np.ndarray:
         with self._lock:
-            if self._used + nbytes > self.capacity:
+            used = self._used
+            if used + nbytes > self.capacity:
                 raise DeviceOOM(
                     f"host device emulation: {nbytes:,} B requested, "
-                    f"{self.capacity - self._used:,} B of {self.capacity:,} B free")
-            self._used += nbytes
-        mem = np.empty(nbytes, np.uint8)
-        weakref.finalize(mem, self._release, nbytes)
+                    f"{self.capacity - used:,} B of {self.capacity:,} B free")
+            mem = np.empty(nbytes, np.uint8)
+            ref = weakref.ref(mem)
+            self._live[id(ref)] = (ref, nbytes)
         return mem
 
-    def _release(self, nbytes: int) -> None:
+    @property
+    def _used(self) -> int:
+        """Bytes allocated now (those of allocations still alive)."""
         with self._lock:
-            self._used -= nbytes
+            dead = [k for k, (ref, _) in self._live.items() if ref() is None]
+            for k in dead:
+                del self._live[k]
+            return sum(n for _, n in self._live.values())
 
     def array(self, mem: np.ndarray, nbytes: int) -> np.ndarray:
         return mem[:nbytes]
