@@ -232,9 +232,11 @@ class BufferManager:
 
         The bytes are reserved against ``device_limit`` under the lock before the real
         allocation, so concurrent allocations never take the manager past its limit.
-        Reclaim progress is what the manager's accounting shows released, not what
-        shrinkers claim; when nothing can be evicted now but other threads are releasing
-        memory (an eviction in flight), this waits for it, up to ``reclaim_wait`` seconds."""
+        Against the limit only the LRU shrinker runs (its bytes are the manager's own); on
+        a real device OOM every shrinker runs, and progress is what the device and the
+        manager's accounting show released, not what shrinkers claim.  When nothing can be
+        evicted now but other threads are releasing memory (an eviction in flight), this
+        waits for it, up to ``reclaim_wait`` seconds."""
         limit = self.device_limit
         if nbytes > self._device_total:
             raise OutOfDeviceMemory(
