@@ -237,12 +237,12 @@ class Buffer:
         with self._lock:
             if self._pins:
                 raise BufferBusyError(f"buffer #{self.id} is inside access() in {self._pins} thread(s)")
-            if not self._finalizer.alive:
-                return
-            # Released first, then detached: an interruption in between leaves the
-            # finalizer to finish the (idempotent) release.
-            self._mgr._reap(self.id, self._pages)
-            self._finalizer.detach()
+            if self._finalizer.alive:
+                # Released, then marked freed: an interrupt in between leaves a free() to
+                # call again (releasing twice is harmless), never a buffer marked freed
+                # that still holds memory.
+                self._mgr._reap(self.id, self._pages)
+                self._finalizer.detach()
 
     def to_host(self) -> np.ndarray:
         """A host copy of the buffer's bytes (restores it if needed; for tests and debugging)."""

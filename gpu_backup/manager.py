@@ -113,11 +113,17 @@ class BufferManager:
         # Notified whenever device bytes are released: allocations waiting for an eviction
         # in flight on another thread wake on it (see _await_release).
         self._mem_freed = threading.Condition(self._lock)
-        self._dev_bytes = 0           # device bytes held or reserved (the _device_bytes property)
-        self._released_total = 0      # device bytes ever released: reclaim's progress measure
-        self._graveyard: deque[tuple[int, _Pages]] = deque()  # collected buffers to release
+        # Device bytes held or reserved.  Changed only by plain arithmetic under the lock:
+        # no call between a change of a buffer's held bytes and this, where an interrupt
+        # could land.
+        self._device_bytes = 0
+        self._release_gen = 0         # bumped by _notify_released
+        self._graveyard: deque[_BufferRef] = deque()  # collected buffers to release
         self._drain_lock = threading.Lock()
-        self._lru: OrderedDict[int, weakref.ref[Buffer]] = OrderedDict()
+        # Live buffers, least recently used first.  Each weak reference's callback is the
+        # graveyard's own append (C code, which an interrupt cannot split): a collected
+        # buffer is always queued for release.
+        self._lru: OrderedDict[int, _BufferRef] = OrderedDict()
         self._ids = itertools.count(1)
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
         self._peak = 0
@@ -150,22 +156,13 @@ class BufferManager:
         collector are released first, so the figure is current)."""
         if self._graveyard:
             self._drain()
-        return self._dev_bytes
+        return self._device_bytes
 
-    @property
-    def _device_bytes(self) -> int:
-        return self._dev_bytes
-
-    @_device_bytes.setter
-    def _device_bytes(self, value: int) -> None:
-        # Every change goes through here (callers hold the lock; it is reentrant), so that a
-        # release wakes the allocations waiting for one and counts as reclaim progress.
+    def _notify_released(self) -> None:
+        """Device bytes were released: wake the allocations waiting for some."""
         with self._lock:
-            released = self._dev_bytes - value
-            self._dev_bytes = value
-            if released > 0:
-                self._released_total += released
-                self._mem_freed.notify_all()
+            self._release_gen += 1
+            self._mem_freed.notify_all()
 
     @property
     def closed(self) -> bool:
@@ -222,7 +219,7 @@ class BufferManager:
             buf = Buffer(self, nbytes, npages, bool(purgeable), pages, next(self._ids))
             _faults.point("alloc.buffer_made")
             with self._lock:
-                self._lru[buf.id] = weakref.ref(buf)
+                self._lru[buf.id] = _BufferRef(buf, self._graveyard.append, pages)
             return buf
         except BaseException:
             # Interrupted before the caller got the buffer: give the reservation back now, not
@@ -232,8 +229,9 @@ class BufferManager:
                 if pages is None:
                     self._device_bytes -= held
                 elif pages.mem is not None:
-                    freed, pages.held, pages.mem = pages.held, 0, None
-                    self._device_bytes -= freed
+                    self._device_bytes -= pages.held
+                    pages.held, pages.mem = 0, None
+            self._notify_released()
             raise
 
     def _device_alloc(self, nbytes: int) -> Any:
@@ -241,9 +239,11 @@ class BufferManager:
 
         The bytes are reserved against ``device_limit`` under the lock before the real
         allocation, so concurrent allocations never take the manager past its limit.
-        Reclaim progress is what the manager's accounting shows released, not what
-        shrinkers claim; when nothing can be evicted now but other threads are releasing
-        memory (an eviction in flight), this waits for it, up to ``reclaim_wait`` seconds."""
+        Against the limit only the LRU shrinker runs (its bytes are the manager's own); on
+        a real device OOM every shrinker runs, and progress is what the device and the
+        manager's accounting show released, not what shrinkers claim.  When nothing can be
+        evicted now but other threads are releasing memory (an eviction in flight), this
+        waits for it, up to ``reclaim_wait`` seconds."""
         limit = self.device_limit
         if nbytes > self._device_total:
             raise OutOfDeviceMemory(
@@ -258,17 +258,17 @@ class BufferManager:
             fruitless, deadline = 0, None
             while True:
                 with self._lock:
-                    over = 0 if limit is None else self._dev_bytes + nbytes - limit
+                    over = 0 if limit is None else self._device_bytes + nbytes - limit
                     if over <= 0:
                         self._device_bytes += nbytes
                         reserved = True
-                        self._peak = max(self._peak, self._dev_bytes)
+                        self._peak = max(self._peak, self._device_bytes)
                         break
-                    mark = self._released_total
+                    mark = self._release_gen
                 _faults.point("alloc.reclaim")
                 self._drain()
-                if self._reclaimer.reclaim(over, [self._lru_shrinker],
-                                           progress=self._released_bytes) > 0:
+                # Only the LRU shrinker runs here: its bytes are the manager's own.
+                if self._reclaimer.reclaim(over, [self._lru_shrinker]) > 0:
                     fruitless = 0
                     continue
                 fruitless += 1
@@ -278,7 +278,7 @@ class BufferManager:
             fruitless, deadline = 0, None
             while True:
                 with self._lock:
-                    mark = self._released_total
+                    mark = self._release_gen
                 try:
                     mem = self.backend.alloc(nbytes)
                     # Let go of an earlier attempt's error: its traceback holds this frame,
@@ -307,17 +307,14 @@ class BufferManager:
                     self._device_bytes -= nbytes
             raise
 
-    def _released_bytes(self) -> int:
-        return self._released_total
-
     def _device_progress(self) -> Any:
-        """Progress of a reclaim for a real device OOM: bytes this manager released, or the
-        rise in the device's free memory, whichever is larger (an application cache frees
-        device memory the manager does not account)."""
-        base_rel, base_free = self._released_total, self.backend.mem_info()[0]
+        """Progress of a reclaim for a real device OOM: the fall of this manager's device
+        bytes or the rise of the device's free memory, whichever is larger (an application
+        cache frees device memory the manager does not account)."""
+        base_held, base_free = self._device_bytes, self.backend.mem_info()[0]
 
         def progress() -> int:
-            return max(self._released_total - base_rel, self.backend.mem_info()[0] - base_free)
+            return max(base_held - self._device_bytes, self.backend.mem_info()[0] - base_free)
         return progress
 
     def _await_release(self, nbytes: int, own: int, mark: int, fruitless: int,
@@ -325,7 +322,7 @@ class BufferManager:
         """A reclaim for ``nbytes`` freed nothing.  Raise :class:`OutOfDeviceMemory` unless
         device memory is on its way back: then wait for a release (on a condition, not a
         poll) and return the deadline of the whole wait.  ``own``: bytes the caller has
-        reserved itself; ``mark``: ``_released_total`` before the reclaim."""
+        reserved itself; ``mark``: ``_release_gen`` before the reclaim."""
         if self._reclaimer.active:   # inside a shrinker: waiting could wait for itself
             raise self._oom(nbytes, why + " (allocating inside a shrinker: no reclaim)")
         with self._lock:
@@ -337,7 +334,7 @@ class BufferManager:
                 if now < deadline:
                     if in_transit:
                         # Short slices: a buffer whose eviction fails releases nothing.
-                        self._mem_freed.wait_for(lambda: self._released_total != mark,
+                        self._mem_freed.wait_for(lambda: self._release_gen != mark,
                                                  timeout=min(deadline - now, 0.05))
                     return deadline
                 why += f" (waited {self.reclaim_wait:g} s for memory other threads held)"
@@ -360,7 +357,7 @@ class BufferManager:
                 else:
                     idle = True
         # Reservations of allocations and restores in flight on other threads.
-        return moving or self._dev_bytes - own > attached, idle
+        return moving or self._device_bytes - own > attached, idle
 
     def _oom(self, nbytes: int, why: str) -> OutOfDeviceMemory:
         bufs = self.buffers()
@@ -469,8 +466,11 @@ class BufferManager:
                 self._stats[k] += v
 
     def _released(self, nbytes: int) -> None:
+        """The pager gave ``nbytes`` of device memory back: account them and wake the
+        allocations waiting for a release."""
         with self._lock:
             self._device_bytes -= nbytes
+        self._notify_released()
 
     def _swap_victim(self, target: Buffer, nbytes: int) -> Buffer | None:
         """On a miss that the device limit cannot hold: the least recently used idle
@@ -509,11 +509,9 @@ class BufferManager:
                 self._lru.move_to_end(buf.id)
 
     def _reap_later(self, buf_id: int, p: _Pages) -> None:
-        """Finalizer of a collected buffer.  Garbage collection may run on any thread, in
-        the middle of any locked section, so this only queues (no lock); ``_drain``
-        releases.  In a forked child nothing is queued: the pages are the parent's."""
-        if not self._fork.inherited:
-            self._graveyard.append((buf_id, p))
+        """The buffer's finalizer: nothing to do.  A collected buffer was queued already,
+        by the callback of its weak reference in ``_lru`` (a Python-level finalizer can be
+        cut short by a KeyboardInterrupt; that callback cannot)."""
 
     def _drain(self) -> None:
         """Release what collected buffers held, and drop again the store pages of failed
@@ -532,10 +530,11 @@ class BufferManager:
             return
         with self._drain_lock:
             while self._graveyard:
-                buf_id, p = self._graveyard[0]
-                self._reap(buf_id, p)
+                ref = self._graveyard[0]
+                self._reap(ref.buf_id, ref.pages)
                 _faults.point("drain.reaped")
                 self._graveyard.popleft()
+        self._notify_released()
 
     def _reap(self, buf_id: int, p: _Pages) -> None:
         """Release a buffer's device memory and store pages (idempotent), then forget it."""
@@ -601,6 +600,20 @@ class BufferManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _BufferRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a buffer that remembers what to release when it is collected."""
+
+    __slots__ = ("buf_id", "pages")
+
+    def __new__(cls, buf: Buffer, callback: Any, pages: _Pages) -> _BufferRef:
+        return super().__new__(cls, buf, callback)
+
+    def __init__(self, buf: Buffer, callback: Any, pages: _Pages) -> None:
+        super().__init__(buf, callback)
+        self.buf_id = buf.id
+        self.pages = pages
 
 
 def _fmt_limit(limit: int | None) -> str:

@@ -113,10 +113,12 @@ class Reclaimer:
             with self._lock:
                 self.stats["reclaim_recursions_refused"] += 1
             return 0
-        self._local.depth = 1
         t0 = time.perf_counter()
         freed = 0
         try:
+            # Set inside the try: an interrupt right after it must not leave this thread
+            # marked as reclaiming (every later reclaim here would be refused).
+            self._local.depth = 1
             pool = self.shrinkers if shrinkers is None else shrinkers
             stopped: set[int] = set()
             for rnd in range(_MAX_ROUNDS):
@@ -266,6 +268,8 @@ class LruShrinker:
                     continue
                 self.stats[f"{pas}_freed"] += got
                 freed += got
+                if got:
+                    mgr._notify_released()   # allocations waiting on other threads
             if freed >= nr_to_scan:
                 break
         return freed if freed else SHRINK_STOP

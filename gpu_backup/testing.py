@@ -278,7 +278,7 @@ def _unwrap(store: Any) -> Any:
 
 
 def check_invariants(mgr: Any, expected: Mapping[Any, np.ndarray | None] | None = None, *,
-                     other_store_bytes: int = 0) -> dict[str, int]:
+                     other_store_bytes: int = 0, other_device_bytes: int = 0) -> dict[str, int]:
     """Check a manager at rest (no operation in flight) after whatever happened to it.
 
     Parameters
@@ -291,6 +291,9 @@ def check_invariants(mgr: Any, expected: Mapping[Any, np.ndarray | None] | None 
         structure is checked).  Buffers not named, or freed, are not compared.
     other_store_bytes
         Store bytes that belong to someone else (a store shared with other managers).
+    other_device_bytes
+        Bytes allocated from the manager's backend by someone else (the host backend's
+        allocations are compared with the manager's accounting).
 
     Returns a summary (``buffers``, ``pages``, ``pages_compared``, ``wrong_bytes``,
     ``store_pages``).  Raises :class:`InvariantError` listing every violation: a page
@@ -390,10 +393,13 @@ def check_invariants(mgr: Any, expected: Mapping[Any, np.ndarray | None] | None 
     if mgr._device_bytes != held_total:
         problems.append(f"manager accounts {mgr._device_bytes:,} device bytes, its buffers hold "
                         f"{held_total:,} B")
-    used = getattr(mgr.backend, "_used", None)   # the host backend's allocations
-    if used is not None and not mgr.closed and used != mgr._device_bytes:
+    used = None
+    if mgr.backend.name == "host" and not mgr.closed:   # the host backend's allocations
+        free, total = mgr.backend.mem_info()
+        used = total - free
+    if used is not None and used != mgr._device_bytes + other_device_bytes:
         problems.append(f"the backend has {used:,} B allocated, the manager accounts "
-                        f"{mgr._device_bytes:,} B")
+                        f"{mgr._device_bytes:,} B (+{other_device_bytes:,} B elsewhere)")
     summary = {"buffers": len(bufs), "pages": pages_total, "pages_compared": compared,
                "wrong_bytes": wrong, "store_pages": int(uniq.size)}
     if problems:

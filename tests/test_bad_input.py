@@ -134,7 +134,7 @@ def test_device_bytes_is_current_after_garbage_collection():
         gc.collect()
         assert len(mgr._graveyard) == 1          # the finalizer only queued it
         assert mgr.device_bytes == 0             # and the property released it
-        assert mgr.backend._used == 0
+        assert mgr.backend.allocated_bytes == 0
 
 
 def test_interrupted_alloc_gives_its_reservation_back():

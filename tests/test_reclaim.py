@@ -68,7 +68,7 @@ def test_lying_shrinker_cannot_make_alloc_spin():
         s = mgr.stats()
         assert s["reclaim_false_claims"] >= 1
         assert liar.calls <= 2                       # skipped for the rest of each reclaim
-        assert mgr.device_bytes == 16 * PS and mgr.backend._used == 16 * PS
+        assert mgr.device_bytes == 16 * PS and mgr.backend.allocated_bytes == 16 * PS
 
 
 @pytest.mark.parametrize("value", [None, math.nan, 1.5, -7, "lots", np.float64(4096), True])
@@ -147,7 +147,7 @@ def test_log_records_keep_no_exception_or_buffer_alive(caplog):
 
 
 def test_allocation_waits_for_an_eviction_in_flight():
-    """Thread E evicts buffer X (its store write is held up); thread A needs X's memory
+    """Thread E's reclaim evicts buffer X (its store write is held up); thread A needs X's memory
     under the limit.  The old reclaim gave up after three tries in ~3 ms; now A waits on
     the release and succeeds.  No sleeps: E's write proceeds only once A is waiting."""
     gate_open = threading.Event()
@@ -166,12 +166,16 @@ def test_allocation_waits_for_an_eviction_in_flight():
             cond = mgr._mem_freed
             real_wait_for = cond.wait_for
 
+            woke: list[bool] = []
+
             def wait_for(pred, timeout=None):
                 waiting.set()
-                return real_wait_for(pred, timeout)
+                woke.append(real_wait_for(pred, timeout))
+                return woke[-1]
 
             cond.wait_for = wait_for
-            evictor = threading.Thread(target=lambda: (gate_open.set(), x.evict()))
+            # E's eviction is a reclaim on another thread (its own allocation, say)
+            evictor = threading.Thread(target=lambda: (gate_open.set(), mgr.shrink(8 * PS)))
             evictor.start()
             assert gate_open.wait(20)
             while not x._lock.locked():      # until E holds X (its eviction is under way)
@@ -179,7 +183,7 @@ def test_allocation_waits_for_an_eviction_in_flight():
             got = _alloc_in_thread(mgr, 8 * PS)
             evictor.join(20)
             assert isinstance(got, gb.Buffer), got
-            assert waiting.is_set()
+            assert waiting.is_set() and woke[-1] is True     # woken by the release, not a timeout
             assert mgr.device_bytes == 8 * PS and mgr.stats()["peak_device_bytes"] <= 8 * PS
             got.free()
             assert np.unique(x.to_host()).tolist() == [0x5A]
@@ -266,5 +270,5 @@ def test_sixteen_threads_under_a_small_limit_never_oom_spuriously():
             b.free()
         models.clear()
         assert mgr.device_bytes == 0 and store.bytes_used == 0
-        assert mgr.backend._used == 0
+        assert mgr.backend.allocated_bytes == 0
     store.close()

@@ -12,11 +12,13 @@ import contextlib
 import queue
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
+from .._interrupts import deferred_interrupt
 from .._os import host_memory
 from ..errors import ClosedError
 from .protocol import DeviceOOM
@@ -158,11 +160,15 @@ class HostBackend:
         self.device_name = "host (device memory emulated in RAM)"
         if device_id:
             self.device_name = f"host device {device_id} (device memory emulated in RAM)"
+        # Live blocks: id(weak reference) -> (the reference, bucket size, raw block).  A
+        # block's release is queued by its weak reference's callback, ``deque.append`` (C
+        # code: no KeyboardInterrupt can cut it short, as it could a Python finalizer), and
+        # accounted under the lock by the next allocation or reading.
+        self._live: dict[int, tuple[weakref.ref[np.ndarray], int, np.ndarray]] = {}
+        self._dead: deque[weakref.ref[np.ndarray]] = deque()
         self._used = 0
         self._cache: dict[int, list[np.ndarray]] = {}   # block size -> free raw blocks
         self._cached = 0
-        # Reentrant: an allocation's finalizer (_release) may run from garbage collection
-        # on a thread inside alloc().
         self._lock = threading.RLock()
         self._open = True
         self.d2h_stream = HostStream("gpu_backup-host-d2h")
@@ -179,35 +185,40 @@ class HostBackend:
         array (and every view of it) keeps the block; when the last is gone, the block goes
         back to the cache."""
         size = _bucket(nbytes)
-        raw = None
         with self._lock:
+            self._collect_locked()
             if self._used + size > self.capacity:
                 raise DeviceOOM(
                     f"host device emulation: {nbytes:,} B requested, "
                     f"{self.capacity - self._used:,} B of {self.capacity:,} B free")
-            self._used += size
             blocks = self._cache.get(size)
             if blocks:
                 raw = blocks.pop()
                 self._cached -= size
             else:
-                self._trim_locked(self.capacity - self._used - self._cached)  # fit the new one
-        if raw is None:
-            try:
+                self._trim_locked(self.capacity - self._used - size - self._cached)
                 raw = np.empty(size, np.uint8)
-            except BaseException:
-                self._release(size, None)
-                raise
-        mem = np.frombuffer(memoryview(raw)[:nbytes], np.uint8)  # views' base is mem itself
-        weakref.finalize(mem, self._release, size, raw)
+            with deferred_interrupt():      # the block and its accounting in one step
+                mem = np.frombuffer(memoryview(raw)[:nbytes], np.uint8)  # views' base: mem
+                ref = weakref.ref(mem, self._dead.append)
+                self._live[id(ref)] = (ref, size, raw)
+                self._used += size
         return mem
 
-    def _release(self, size: int, raw: np.ndarray | None) -> None:
-        with self._lock:
-            self._used -= size
-            if raw is not None and self._open and self._cached + size <= self.cache_limit:
-                self._cache.setdefault(size, []).append(raw)
-                self._cached += size
+    def _collect_locked(self) -> None:
+        """Account the blocks whose arrays are gone: back to the cache (up to
+        ``cache_limit``), or to the system.  Caller holds the lock."""
+        with deferred_interrupt():
+            while self._dead:
+                ref = self._dead.popleft()
+                entry = self._live.pop(id(ref), None)
+                if entry is None:
+                    continue
+                _, size, raw = entry
+                self._used -= size
+                if self._open and self._cached + size <= self.cache_limit:
+                    self._cache.setdefault(size, []).append(raw)
+                    self._cached += size
 
     def _trim_locked(self, room: int) -> None:
         """Drop cached blocks until they fit in ``room`` bytes (largest first)."""
@@ -220,9 +231,18 @@ class HostBackend:
                 del self._cache[size]
 
     @property
+    def allocated_bytes(self) -> int:
+        """Bytes of emulated device memory held by live allocations now."""
+        with self._lock:
+            self._collect_locked()
+            return self._used
+
+    @property
     def cached_bytes(self) -> int:
         """Bytes of freed blocks kept for reuse."""
-        return self._cached
+        with self._lock:
+            self._collect_locked()
+            return self._cached
 
     def array(self, mem: np.ndarray, nbytes: int) -> np.ndarray:
         return mem[:nbytes]
@@ -237,6 +257,7 @@ class HostBackend:
 
     def mem_info(self) -> tuple[int, int]:
         with self._lock:
+            self._collect_locked()
             return self.capacity - self._used, self.capacity
 
     def mark_current(self) -> None:
