@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import _faults
+from ._interrupts import deferred_interrupt
 from .errors import BufferBusyError, BufferFreedError
 
 if TYPE_CHECKING:
@@ -205,29 +207,38 @@ class Buffer:
         if not callable(getattr(user, "wait_event", None)):
             raise TypeError(f"stream must be a {mgr.backend.name} stream (or None for the "
                             f"current one), got {type(stream).__name__} {stream!r}")
-        with self._lock:
-            if self.freed:
-                raise BufferFreedError(f"buffer #{self.id} ({self.nbytes:,} B) was freed")
-            self._pins += 1   # from here on the buffer is neither evicted nor freed
+        pinned = used = False
         try:
+            # The pin and the flag that says to take it back change in one step: a Ctrl-C
+            # between them would leave the buffer pinned (never evicted nor freed) for good.
+            with self._lock:      # (waited for outside the deferral: Ctrl-C stays live)
+                if self.freed:
+                    raise BufferFreedError(f"buffer #{self.id} ({self.nbytes:,} B) was freed")
+                with deferred_interrupt():
+                    self._pins += 1   # from here on the buffer is neither evicted nor freed
+                    pinned = True
+            _faults.point("access.pinned")
             mem = mgr._make_resident(self, mode, user)
-        except BaseException:
-            with self._lock:
-                self._pins -= 1
-            raise
-        try:
             mgr._touch(self)
             with mgr.backend.activate():   # the buffer's GPU is current for the caller's work
+                used = True
                 yield mgr.backend.array(mem, self.nbytes)
         finally:
-            event = None
-            try:
-                event = mgr.backend.record(user)
-            finally:
-                with self._lock:
-                    if event is not None:
-                        self._pages.uses.add(event)
-                    self._pins -= 1
+            if pinned:
+                event = None
+                try:
+                    if used:
+                        event = mgr.backend.record(user)
+                finally:
+                    self._unpin(event)
+
+    def _unpin(self, event: Any) -> None:
+        """Leave ``access()``: the use's event joins the pending uses, the pin goes; one
+        step, a Ctrl-C cannot split it."""
+        with deferred_interrupt(), self._lock:
+            if event is not None:
+                self._pages.uses.add(event)
+            self._pins -= 1
 
     def free(self) -> None:
         """Return the device memory and store pages now.  Idempotent."""

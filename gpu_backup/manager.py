@@ -423,9 +423,11 @@ class BufferManager:
 
     # ---------------------------------------------------------------- evict
     def _evict(self, buf: Buffer, *, blocking: bool, wait: bool) -> int:
-        if not buf._lock.acquire(blocking=blocking):
-            return 0
-        try:
+        # A ``with`` statement: an interrupt right after the lock is taken still releases it.
+        with _Holding(buf._lock, blocking) as held:
+            if not held:
+                return 0
+            _faults.point("evict.locked")
             if buf.freed:
                 raise BufferFreedError(f"buffer #{buf.id} was freed")
             if buf._pins:
@@ -441,8 +443,6 @@ class BufferManager:
             self._check_open()
             with self.backend.activate(), self.backend.nvtx("gpu_backup.evict"):
                 return self._evict_locked(buf, p)
-        finally:
-            buf._lock.release()
 
     def _evict_locked(self, buf: Buffer, p: _Pages) -> int:
         return self._pager.evict(buf, p)
@@ -614,6 +614,25 @@ class _BufferRef(weakref.ref):  # type: ignore[type-arg]
         super().__init__(buf, callback)
         self.buf_id = buf.id
         self.pages = pages
+
+
+class _Holding:
+    """``with _Holding(lock, blocking) as held:`` -- ``held`` says whether the lock was
+    taken; it is released on exit, also when an interrupt lands right after taking it."""
+
+    __slots__ = ("_lock", "_blocking", "_held")
+
+    def __init__(self, lock: Any, blocking: bool) -> None:
+        self._lock, self._blocking, self._held = lock, blocking, False
+
+    def __enter__(self) -> bool:
+        self._held = self._lock.acquire(blocking=self._blocking)
+        return self._held
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
 
 
 def _fmt_limit(limit: int | None) -> str:
