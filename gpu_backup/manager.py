@@ -290,6 +290,7 @@ class BufferManager:
                         raise
                     cause = e
                 _faults.point("alloc.device_reclaim")
+                self._drain()   # collected buffers first: their memory is the cheapest to free
                 if self._reclaimer.reclaim(nbytes, progress=self._device_progress()) > 0:
                     fruitless = 0
                     continue

@@ -188,7 +188,10 @@ def test_sigint_soak(ops, record_property):
         mgr = gb.BufferManager("host", store=store, host_capacity=3 * LIMIT, staging=staging)
         mgr.unregister_shrinker(mgr._lru_shrinker)
     else:
-        mgr = gb.BufferManager("host", store=store, device_limit=LIMIT, staging=staging)
+        # A small emulated device too: the cache's fill() takes all of it that is free
+        # (on a device of a quarter of RAM, hundreds of thousands of blocks: seconds).
+        mgr = gb.BufferManager("host", store=store, device_limit=LIMIT,
+                               host_capacity=4 * LIMIT, staging=staging)
     cache = _DeviceCache(mgr.backend, 2 * PS)
     mgr.register_shrinker(cache)
     slots: list[list | None] = [None] * SLOTS      # [buffer, expected bytes or None]
