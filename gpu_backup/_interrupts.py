@@ -20,13 +20,18 @@ __all__ = ["deferred_interrupt", "deferring", "uninterrupted"]
 
 _SIGINT = int(signal.SIGINT)
 
-_depth = threading.local()   # deferred_interrupt blocks this thread is inside
+_depth = threading.local()   # deferred_interrupt blocks a thread other than the main one is in
 
 
 def deferring() -> bool:
     """True while this thread is inside a :class:`deferred_interrupt` block: a SIGINT would
     be held to the block's end here (fault injection uses it to raise only where a real
-    Ctrl-C could land)."""
+    Ctrl-C could land).  On the main thread the installed SIGINT handler says it (a count
+    there could be left wrong by a signal landing inside ``__enter__``); elsewhere, where
+    no signal lands, a per-thread count."""
+    if threading.get_ident() == threading.main_thread().ident:
+        return isinstance(getattr(_signal.getsignal(_SIGINT), "__self__", None),
+                          deferred_interrupt)
     return getattr(_depth, "n", 0) > 0
 
 
@@ -41,8 +46,8 @@ class deferred_interrupt:  # noqa: N801 - used like a function: ``with deferred_
 
     def __enter__(self) -> None:
         self._old = None
-        _depth.n = getattr(_depth, "n", 0) + 1
         if threading.get_ident() != threading.main_thread().ident:
+            _depth.n = getattr(_depth, "n", 0) + 1
             return
         old = _signal.getsignal(_SIGINT)
         if callable(old):
@@ -54,7 +59,9 @@ class deferred_interrupt:  # noqa: N801 - used like a function: ``with deferred_
         self._caught = True
 
     def __exit__(self, *exc: object) -> None:
-        _depth.n -= 1
+        if threading.get_ident() != threading.main_thread().ident:
+            _depth.n -= 1
+            return
         old = self._old
         if old is not None:
             self._old = None
