@@ -202,26 +202,29 @@ class Pager:
     def _copy_out(self, p: _Pages, todo: np.ndarray) -> None:
         # Slots are reserved here (StoreFullError changes nothing) and faulted in piece by
         # piece by the ring's workers, in parallel with the device copies.
-        with deferred_interrupt():
-            handles = self.store.alloc(todo.size, populate=False)
-            p.evicting = True
-
         def commit(pages: np.ndarray, h: np.ndarray) -> None:
             p.table[pages] = h
 
         def track(event: Any) -> None:
             p.last = event
 
+        handles = None
         try:
+            # Inside the try: a Ctrl-C held off during the alloc lands at the end of the
+            # deferred block, and the handles must already have an owner then.
+            with deferred_interrupt():
+                handles = self.store.alloc(todo.size, populate=False)
+                p.evicting = True
             _faults.point("evict.store_alloc")
             self.ring.evict(p.mem, todo, handles, commit=commit, track=track)
         except BaseException:
             # Whatever the page table did not take is referenced nowhere: drop it.  (Read
             # from the table itself, so an interrupt between a commit and the ring's own
             # bookkeeping cannot drop a handle the table holds.)
-            lost = handles[p.table[todo] != handles]
-            if lost.size:
-                self._drop(lost)
+            if handles is not None:
+                lost = handles[p.table[todo] != handles]
+                if lost.size:
+                    self._drop(lost)
             raise
 
     def _skip_zero_runs(self, p: _Pages, todo: np.ndarray) -> tuple[np.ndarray, int]:
@@ -435,10 +438,6 @@ class Pager:
         zeros = np.flatnonzero(b.table == ZERO_PAGE)
         handles_b = b.table[pages].copy()
         handles_a = np.empty(0, np.int64)
-        if todo.size:
-            with deferred_interrupt():
-                handles_a = self.store.alloc(todo.size, populate=False)
-                a.evicting = True
         cond = threading.Condition()
         state: dict[str, Any] = {"done": 0, "error": None, "finished": False, "cancel": False}
         events: dict[str, Any] = {}
@@ -478,6 +477,12 @@ class Pager:
         error: BaseException | None = None
         try:
             try:
+                # Inside the try: a Ctrl-C held off during the alloc lands at the end of
+                # the deferred block, and the handles must already have an owner then.
+                if todo.size:
+                    with deferred_interrupt():
+                        handles_a = self.store.alloc(todo.size, populate=False)
+                        a.evicting = True
                 _faults.point("swap.store_alloc")
             except BaseException as e:   # the victim's eviction never started
                 state["error"], state["finished"] = e, True
@@ -494,7 +499,7 @@ class Pager:
             if hit and error is None:
                 error = KeyboardInterrupt()
         a_error = state["error"]
-        if a_error is not None:
+        if a_error is not None and handles_a.size:
             lost = handles_a[a.table[todo] != handles_a]
             if lost.size:
                 self._drop(lost)
