@@ -104,6 +104,18 @@ def fill(buf, data: np.ndarray, *, stream=None) -> None:
             arr.set(data)
 
 
+def pages(rng: np.random.Generator, n: int, ps: int = gb.PAGE_SIZE) -> np.ndarray:
+    """``n`` pages of random bytes."""
+    return rng.integers(0, 256, n * ps, dtype=np.uint8)
+
+
+def readback(store, handles) -> np.ndarray:
+    """What ``store`` holds under ``handles``, read into a new array."""
+    out = np.empty(len(handles) * store.page_size, np.uint8)
+    store.read(handles, out)
+    return out
+
+
 def random_bytes(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 256, n, dtype=np.uint8)
 

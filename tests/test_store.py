@@ -15,18 +15,9 @@ from hypothesis import strategies as st
 import gpu_backup as gb
 from gpu_backup import _os
 from gpu_backup.store import _base
+from conftest import pages, readback
 
 PS = gb.PAGE_SIZE
-
-
-def pages(rng, n, ps=PS):
-    return rng.integers(0, 256, n * ps, dtype=np.uint8)
-
-
-def readback(store, handles):
-    out = np.empty(len(handles) * store.page_size, np.uint8)
-    store.read(handles, out)
-    return out
 
 
 # ---------------------------------------------------------------- round trips

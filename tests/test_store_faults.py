@@ -15,18 +15,9 @@ import pytest
 import gpu_backup as gb
 from gpu_backup import _faults, _os
 from gpu_backup.store import StoreSetupError, _base, _pool
+from conftest import pages, readback
 
 PS = gb.PAGE_SIZE
-
-
-def pages(rng, n):
-    return rng.integers(0, 256, n * PS, dtype=np.uint8)
-
-
-def readback(s, h):
-    out = np.empty(len(h) * PS, np.uint8)
-    s.read(h, out)
-    return out
 
 
 class Inject:

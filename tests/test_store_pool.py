@@ -17,6 +17,7 @@ import pytest
 import gpu_backup as gb
 from gpu_backup import _faults, _os
 from gpu_backup.store import _pool
+from conftest import pages, readback
 
 PS = gb.PAGE_SIZE
 GiB = 1 << 30
@@ -68,16 +69,6 @@ def make(host, clock):
     yield make
     for s in made:
         s.close()
-
-
-def pages(rng, n):
-    return rng.integers(0, 256, n * PS, dtype=np.uint8)
-
-
-def readback(s, h):
-    out = np.empty(len(h) * PS, np.uint8)
-    s.read(h, out)
-    return out
 
 
 # ------------------------------------------------------------------ sizing
