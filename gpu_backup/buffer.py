@@ -107,7 +107,7 @@ class Buffer:
     """
 
     __slots__ = ("_mgr", "nbytes", "npages", "purgeable", "_pages", "_lock", "_pins",
-                 "_finalizer", "id", "__weakref__")
+                 "_pinners", "_finalizer", "id", "__weakref__")
 
     def __init__(self, mgr: BufferManager, nbytes: int, npages: int, purgeable: bool,
                  pages: _Pages, buf_id: int) -> None:
@@ -118,6 +118,7 @@ class Buffer:
         self._pages = pages
         self._lock = threading.Lock()   # held while pages move; the shrinker only try-locks
         self._pins = 0                  # threads inside access()
+        self._pinners: dict[int, int] = {}  # thread ident -> its pins (sum == _pins)
         self.id = buf_id
         if pages.mem is not None and pages.fresh is None:
             pages.fresh = mgr.backend.mark_current()
@@ -216,6 +217,8 @@ class Buffer:
                     raise BufferFreedError(f"buffer #{self.id} ({self.nbytes:,} B) was freed")
                 with deferred_interrupt():
                     self._pins += 1   # from here on the buffer is neither evicted nor freed
+                    me = threading.get_ident()
+                    self._pinners[me] = self._pinners.get(me, 0) + 1
                     pinned = True
             _faults.point("access.pinned")
             mem = mgr._make_resident(self, mode, user)
@@ -239,6 +242,21 @@ class Buffer:
             if event is not None:
                 self._pages.uses.add(event)
             self._pins -= 1
+            me = threading.get_ident()
+            left = self._pinners[me] - 1
+            if left:
+                self._pinners[me] = left
+            else:
+                del self._pinners[me]
+        # An allocation on another thread may be waiting for this buffer to become
+        # evictable (see BufferManager._await_release).
+        if not self._pins and self._mgr._awaiting:
+            self._mgr._notify_released()
+
+    def _pinned_elsewhere(self) -> bool:
+        """True while a thread other than the caller is inside :meth:`access`: that pin
+        ends without the caller's help, so waiting for it cannot wait for oneself."""
+        return self._pins > self._pinners.get(threading.get_ident(), 0)
 
     def free(self) -> None:
         """Return the device memory and store pages now.  Idempotent."""

@@ -118,6 +118,7 @@ class BufferManager:
         # could land.
         self._device_bytes = 0
         self._release_gen = 0         # bumped by _notify_released
+        self._awaiting = 0            # allocations inside _await_release now
         self._graveyard: deque[_BufferRef] = deque()  # collected buffers to release
         self._drain_lock = threading.Lock()
         # Live buffers, least recently used first.  Each weak reference's callback is the
@@ -159,7 +160,8 @@ class BufferManager:
         return self._device_bytes
 
     def _notify_released(self) -> None:
-        """Device bytes were released: wake the allocations waiting for some."""
+        """Device bytes were released (or a buffer became evictable again when its last
+        access() ended): wake the allocations waiting for some."""
         with self._lock:
             self._release_gen += 1
             self._mem_freed.notify_all()
@@ -254,6 +256,9 @@ class BufferManager:
                 f"cannot allocate {nbytes:,} B: larger than device_limit={limit:,} B; nothing "
                 f"was evicted")
         reserved = False
+        # Shrinkers found lying or broken are asked once per allocation, however often
+        # it reclaims while it waits.
+        misbehaved: set[int] = set()
         try:
             fruitless, deadline = 0, None
             while True:
@@ -268,7 +273,7 @@ class BufferManager:
                 _faults.point("alloc.reclaim")
                 self._drain()
                 # Only the LRU shrinker runs here: its bytes are the manager's own.
-                if self._reclaimer.reclaim(over, [self._lru_shrinker]) > 0:
+                if self._reclaimer.reclaim(over, [self._lru_shrinker], misbehaved=misbehaved) > 0:
                     fruitless = 0
                     continue
                 fruitless += 1
@@ -291,7 +296,8 @@ class BufferManager:
                     cause = e
                 _faults.point("alloc.device_reclaim")
                 self._drain()   # collected buffers first: their memory is the cheapest to free
-                if self._reclaimer.reclaim(nbytes, progress=self._device_progress()) > 0:
+                if self._reclaimer.reclaim(nbytes, progress=self._device_progress(),
+                                           misbehaved=misbehaved) > 0:
                     fruitless = 0
                     continue
                 fruitless += 1
@@ -321,9 +327,12 @@ class BufferManager:
     def _await_release(self, nbytes: int, own: int, mark: int, fruitless: int,
                        deadline: float | None, why: str) -> float:
         """A reclaim for ``nbytes`` freed nothing.  Raise :class:`OutOfDeviceMemory` unless
-        device memory is on its way back: then wait for a release (on a condition, not a
-        poll) and return the deadline of the whole wait.  ``own``: bytes the caller has
-        reserved itself; ``mark``: ``_release_gen`` before the reclaim."""
+        device memory is on its way back (an eviction or release in flight, or a buffer
+        inside another thread's access(), which ends without this thread's help): then wait
+        for a release (on a condition, not a poll) and return the deadline of the whole
+        wait.  Pins this thread holds itself are never waited for: that wait could only
+        time out.  ``own``: bytes the caller has reserved itself; ``mark``:
+        ``_release_gen`` before the reclaim."""
         if self._reclaimer.active:   # inside a shrinker: waiting could wait for itself
             raise self._oom(nbytes, why + " (allocating inside a shrinker: no reclaim)")
         with self._lock:
@@ -335,15 +344,20 @@ class BufferManager:
                 if now < deadline:
                     if in_transit:
                         # Short slices: a buffer whose eviction fails releases nothing.
-                        self._mem_freed.wait_for(lambda: self._release_gen != mark,
-                                                 timeout=min(deadline - now, 0.05))
+                        self._awaiting += 1
+                        try:
+                            self._mem_freed.wait_for(lambda: self._release_gen != mark,
+                                                     timeout=min(deadline - now, 0.05))
+                        finally:
+                            self._awaiting -= 1
                     return deadline
                 why += f" (waited {self.reclaim_wait:g} s for memory other threads held)"
         raise self._oom(nbytes, why)
 
     def _in_transit(self, own: int) -> tuple[bool, bool]:
-        """(some device bytes are being released or reserved by another thread now, some
-        idle buffer could be evicted).  Caller holds the lock."""
+        """(some device bytes are being released or reserved by another thread now, or
+        held by a buffer inside another thread's access(); some idle buffer could be
+        evicted).  Caller holds the lock."""
         attached, moving, idle = 0, bool(self._graveyard), False
         for ref in self._lru.values():
             b = ref()
@@ -352,11 +366,15 @@ class BufferManager:
                 continue
             held = b._pages.held
             attached += held
-            if held and not b._pins:
-                if b._lock.locked():
-                    moving = True  # another thread is evicting or freeing it
-                else:
-                    idle = True
+            if not held:
+                continue
+            if b._pins:
+                if b._pinned_elsewhere():
+                    moving = True  # evictable once that thread's access() ends
+            elif b._lock.locked():
+                moving = True  # another thread is evicting or freeing it
+            else:
+                idle = True
         # Reservations of allocations and restores in flight on other threads.
         return moving or self._device_bytes - own > attached, idle
 

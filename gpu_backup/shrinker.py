@@ -98,7 +98,8 @@ class Reclaimer:
         return getattr(self._local, "depth", 0) > 0
 
     def reclaim(self, nbytes: int, shrinkers: list[Shrinker] | None = None, *,
-                progress: Callable[[], int] | None = None) -> int:
+                progress: Callable[[], int] | None = None,
+                misbehaved: set[int] | None = None) -> int:
         """Ask shrinkers to free ``nbytes``; returns the bytes freed (0 when called from
         inside a reclaim on the same thread).
 
@@ -106,7 +107,11 @@ class Reclaimer:
         With it, each scan's result is what the counter shows, not what the shrinker
         claims, and a shrinker that claims bytes the counter does not show is skipped
         for the rest of this reclaim.  A shrinker that raises or returns something other
-        than an int >= 0 or ``SHRINK_STOP`` is skipped too, with a warning naming it."""
+        than an int >= 0 or ``SHRINK_STOP`` is skipped too, with a warning naming it.
+
+        ``misbehaved``: ids of shrinkers to skip; those found lying or broken here are
+        added.  An allocation that reclaims again and again while it waits for memory
+        passes the same set, so that it asks (and warns about) a bad shrinker once."""
         if nbytes <= 0:
             return 0
         if self.active:
@@ -120,7 +125,8 @@ class Reclaimer:
             # marked as reclaiming (every later reclaim here would be refused).
             self._local.depth = 1
             pool = self.shrinkers if shrinkers is None else shrinkers
-            stopped: set[int] = set()
+            bad = set() if misbehaved is None else misbehaved
+            stopped: set[int] = set(bad)
             for rnd in range(_MAX_ROUNDS):
                 before = freed
                 counts = []
@@ -133,6 +139,7 @@ class Reclaimer:
                             self._skip(s, f"count() returned {c}: expected bytes >= 0 or "
                                           f"SHRINK_EMPTY")
                         stopped.add(id(s))
+                        bad.add(id(s))
                         continue
                     if c > 0:
                         counts.append((s, c / max(getattr(s, "seeks", DEFAULT_SEEKS), 1e-9), c))
@@ -149,11 +156,14 @@ class Reclaimer:
                     _faults.point("reclaim.scanned")
                     if got is None or got == SHRINK_STOP:
                         stopped.add(id(s))
+                        if got is None:
+                            bad.add(id(s))
                         continue
                     if got < 0:
                         self._skip(s, f"scan({ask}) returned {got}: expected bytes freed >= 0 "
                                       f"or SHRINK_STOP")
                         stopped.add(id(s))
+                        bad.add(id(s))
                         continue
                     if progress is not None:
                         actual = progress() - mark
@@ -161,6 +171,7 @@ class Reclaimer:
                             self._skip(s, f"scan({ask}) claimed {got:,} B freed, but no device "
                                           f"memory was released", liar=True)
                             stopped.add(id(s))
+                            bad.add(id(s))
                             continue
                         got = max(actual, 0)
                     freed += got

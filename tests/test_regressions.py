@@ -102,6 +102,9 @@ def test_shrinker_that_frees_the_buffer_being_restored_does_not_deadlock():
                 return gb.SHRINK_STOP
 
         mgr.register_shrinker(Rude())
+        # The access waits (bounded) for the main thread's access() of `other` to end,
+        # which it does only after the join below.
+        mgr.reclaim_wait = 0.5
         outcome = []
 
         def go():

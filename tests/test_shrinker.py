@@ -140,6 +140,82 @@ def test_buffers_in_use_are_never_evicted(make_mgr, rng):
     assert mgr.alloc(10 * PS).state is R.RESIDENT
 
 
+def test_own_pins_fail_at_once_without_waiting(make_mgr):
+    """Only this thread's accesses hold the device: waiting could only wait for itself, so
+    the allocation fails at once rather than after reclaim_wait."""
+    mgr = make_mgr(device_limit=20 * PS)
+    mgr.reclaim_wait = 5.0
+    a, b = mgr.alloc(10 * PS), mgr.alloc(10 * PS)
+    with a.access("w"), b.access("w"):
+        t0 = time.monotonic()
+        with pytest.raises(gb.OutOfDeviceMemory, match=r"pinned in access\(\) 81,920 B"):
+            mgr.alloc(PS)
+        assert time.monotonic() - t0 < 1.0
+
+
+def test_allocation_waits_for_another_threads_access_to_end(make_mgr, rng):
+    """The device is full of buffers inside another thread's access(): the allocation waits
+    for that access to end, then evicts the buffer and succeeds; no byte is lost."""
+    mgr = make_mgr(device_limit=20 * PS)
+    a, b = mgr.alloc(10 * PS), mgr.alloc(10 * PS)
+    da, db = random_bytes(rng, a.nbytes), random_bytes(rng, b.nbytes)
+    fill(a, da)
+    fill(b, db)
+    inside, leave = threading.Event(), threading.Event()
+
+    def user():
+        with a.access("r"), b.access("r"):
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=user)
+    t.start()
+    assert inside.wait(10)
+    threading.Timer(0.3, leave.set).start()
+    t0 = time.monotonic()
+    c = mgr.alloc(10 * PS)          # waits for the other thread's access() to end
+    waited = time.monotonic() - t0
+    t.join(10)
+    assert 0.2 < waited < 5.0, waited
+    assert c.state is R.RESIDENT
+    assert (a.state, b.state).count(R.EVICTED) == 1
+    assert np.array_equal(a.to_host(), da) and np.array_equal(b.to_host(), db)
+
+
+def test_threads_waiting_on_each_others_pins_give_up_after_reclaim_wait(make_mgr):
+    """Two threads each hold the device through an access() and each want more: neither
+    pin can end while both wait, so the wait is bounded by reclaim_wait.  The first to give
+    up says so and leaves its access(); the other may then evict that buffer and succeed."""
+    mgr = make_mgr(device_limit=20 * PS)
+    mgr.reclaim_wait = 0.5
+    bufs = [mgr.alloc(10 * PS) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+    got: list[gb.Buffer] = []
+
+    def user(i):
+        with bufs[i].access("w"):
+            barrier.wait(10)
+            try:
+                got.append(mgr.alloc(10 * PS))
+            except gb.OutOfDeviceMemory as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(2)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads)
+    assert errors and len(errors) + len(got) == 2, (errors, got)
+    assert all("waited 0.5 s for memory other threads held" in str(e) for e in errors), errors
+    assert 0.4 < time.monotonic() - t0 < 10
+    assert mgr.device_bytes == 20 * PS
+    assert not any(b.pinned for b in mgr.buffers())
+    assert mgr.alloc(10 * PS).state is R.RESIDENT   # nothing left pinned
+
+
 def test_purgeable_and_clean_go_first_then_lru_order(make_mgr, rng):
     mgr = make_mgr()
     old_dirty = mgr.alloc(8 * PS)

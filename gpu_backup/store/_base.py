@@ -641,7 +641,10 @@ class _Op:
     def __exit__(self, *exc: object) -> None:
         if self._entered:
             s = self._store
-            with s._lock:
+            # One step: a Ctrl-C between the lock and the count would leave the operation
+            # counted for ever, and close() waiting for it.
+            with deferred_interrupt(), s._lock:
+                self._entered = False
                 s._active -= 1
                 if not s._active:
                     s._idle.notify_all()
