@@ -45,7 +45,7 @@ class _Pages:
     """
 
     __slots__ = ("mem", "table", "valid", "held", "uses", "evicting", "plain", "last", "fresh",
-                 "__weakref__")
+                 "staged", "__weakref__")
 
     def __init__(self, npages: int, mem: Any, held: int) -> None:
         self.mem = mem
@@ -62,6 +62,10 @@ class _Pages:
         # guard of a block taken from the pool of the allocating thread's current stream.
         self.last: Any = None
         self.fresh: Any = None
+        # Store handles reserved for an eviction in progress, owned here from the step that
+        # reserves them: those the table has not taken when it stops are dropped (by the
+        # eviction, or by the next step that drops table handles, whatever interrupted it).
+        self.staged: np.ndarray | None = None
 
 
 class Uses:
@@ -209,6 +213,8 @@ class Buffer:
             raise TypeError(f"stream must be a {mgr.backend.name} stream (or None for the "
                             f"current one), got {type(stream).__name__} {stream!r}")
         pinned = used = False
+        me = threading.get_ident()
+        event = None
         try:
             # The pin and the flag that says to take it back change in one step: a Ctrl-C
             # between them would leave the buffer pinned (never evicted nor freed) for good.
@@ -217,7 +223,6 @@ class Buffer:
                     raise BufferFreedError(f"buffer #{self.id} ({self.nbytes:,} B) was freed")
                 with deferred_interrupt():
                     self._pins += 1   # from here on the buffer is neither evicted nor freed
-                    me = threading.get_ident()
                     self._pinners[me] = self._pinners.get(me, 0) + 1
                     pinned = True
             _faults.point("access.pinned")
@@ -228,30 +233,30 @@ class Buffer:
                 yield mgr.backend.array(mem, self.nbytes)
         finally:
             if pinned:
-                event = None
                 try:
                     if used:
-                        event = mgr.backend.record(user)
+                        with deferred_interrupt():
+                            event = mgr.backend.record(user)
                 finally:
-                    self._unpin(event)
-
-    def _unpin(self, event: Any) -> None:
-        """Leave ``access()``: the use's event joins the pending uses, the pin goes; one
-        step, a Ctrl-C cannot split it."""
-        with deferred_interrupt(), self._lock:
-            if event is not None:
-                self._pages.uses.add(event)
-            self._pins -= 1
-            me = threading.get_ident()
-            left = self._pinners[me] - 1
-            if left:
-                self._pinners[me] = left
-            else:
-                del self._pinners[me]
-        # An allocation on another thread may be waiting for this buffer to become
-        # evictable (see BufferManager._await_release).
-        if not self._pins and self._mgr._awaiting:
-            self._mgr._notify_released()
+                    # The pin goes first, under the lock's own (C-level) ``with`` and with
+                    # no call before it: no Ctrl-C can keep the buffer pinned.  Eviction
+                    # needs this lock, so the use's event still joins the pending uses
+                    # before any eviction can look at them.
+                    with self._lock:
+                        self._pins -= 1
+                        left = self._pinners[me] - 1
+                        if left:
+                            self._pinners[me] = left
+                        else:
+                            del self._pinners[me]
+                        if used:
+                            if event is None:   # a Ctrl-C took the first one
+                                event = mgr.backend.record(user)
+                            self._pages.uses.add(event)
+                # An allocation on another thread may be waiting for this buffer to become
+                # evictable (see BufferManager._await_release).
+                if not self._pins and mgr._awaiting:
+                    mgr._notify_released()
 
     def _pinned_elsewhere(self) -> bool:
         """True while a thread other than the caller is inside :meth:`access`: that pin

@@ -16,6 +16,7 @@ import numpy as np
 from . import _faults
 from ._check import check_count
 from ._fork import ForkGuard
+from ._interrupts import take_lock
 from ._os import host_memory
 from .buffer import Buffer, _Pages
 from .device import open_backend
@@ -256,9 +257,9 @@ class BufferManager:
                 f"cannot allocate {nbytes:,} B: larger than device_limit={limit:,} B; nothing "
                 f"was evicted")
         reserved = False
-        # Shrinkers found lying or broken are asked once per allocation, however often
-        # it reclaims while it waits.
-        misbehaved: set[int] = set()
+        # Shrinkers found lying or broken are asked a bounded number of times per
+        # allocation, however often it reclaims while it waits.
+        misbehaved: dict[int, int] = {}
         try:
             fruitless, deadline = 0, None
             while True:
@@ -442,26 +443,38 @@ class BufferManager:
 
     # ---------------------------------------------------------------- evict
     def _evict(self, buf: Buffer, *, blocking: bool, wait: bool) -> int:
-        # A ``with`` statement: an interrupt right after the lock is taken still releases it.
-        with _Holding(buf._lock, blocking) as held:
-            if not held:
+        if blocking:
+            # The lock's own ``with`` (C-level): no interrupt falls between taking it and
+            # the block that releases it.
+            with buf._lock:
+                return self._evict_held(buf, blocking=True, wait=wait)
+        taken: list[Any] = []
+        try:
+            if not take_lock(buf._lock, taken):
                 return 0
-            _faults.point("evict.locked")
-            if buf.freed:
-                raise BufferFreedError(f"buffer #{buf.id} was freed")
-            if buf._pins:
-                if blocking:
-                    raise BufferBusyError(f"cannot evict buffer #{buf.id}: inside access() in "
-                                          f"{buf._pins} thread(s)")
-                return 0
-            p = buf._pages
-            if p.mem is None:
-                return 0
-            if not wait and self._pager.busy(p):
-                return 0
-            self._check_open()
-            with self.backend.activate(), self.backend.nvtx("gpu_backup.evict"):
-                return self._evict_locked(buf, p)
+            return self._evict_held(buf, blocking=False, wait=wait)
+        finally:
+            if taken:
+                taken[0].release()
+
+    def _evict_held(self, buf: Buffer, *, blocking: bool, wait: bool) -> int:
+        """Evict ``buf``, its lock held by the caller."""
+        _faults.point("evict.locked")
+        if buf.freed:
+            raise BufferFreedError(f"buffer #{buf.id} was freed")
+        if buf._pins:
+            if blocking:
+                raise BufferBusyError(f"cannot evict buffer #{buf.id}: inside access() in "
+                                      f"{buf._pins} thread(s)")
+            return 0
+        p = buf._pages
+        if p.mem is None:
+            return 0
+        if not wait and self._pager.busy(p):
+            return 0
+        self._check_open()
+        with self.backend.activate(), self.backend.nvtx("gpu_backup.evict"):
+            return self._evict_locked(buf, p)
 
     def _evict_locked(self, buf: Buffer, p: _Pages) -> int:
         return self._pager.evict(buf, p)
@@ -491,11 +504,11 @@ class BufferManager:
             self._device_bytes -= nbytes
         self._notify_released()
 
-    def _swap_victim(self, target: Buffer, nbytes: int) -> Buffer | None:
+    def _swap_victim(self, target: Buffer, nbytes: int, taken: list[Any]) -> Buffer | None:
         """On a miss that the device limit cannot hold: the least recently used idle
-        buffer that holds at least ``nbytes``, returned with its lock held, for the pager
-        to evict while restoring ``target`` into its memory.  None when there is room, or
-        no buffer qualifies (then reclaim runs as usual)."""
+        buffer that holds at least ``nbytes``, for the pager to evict while restoring
+        ``target`` into its memory; its lock is put on ``taken`` (the caller releases it).
+        None when there is room, or no buffer qualifies (then reclaim runs as usual)."""
         limit = self.device_limit
         if limit is None or self._device_bytes + nbytes <= limit:
             return None
@@ -506,12 +519,11 @@ class BufferManager:
             if (b is None or b is target or b._pins or b.purgeable or b._pages.mem is None
                     or not nbytes <= b._pages.held <= 2 * nbytes or self._pager.busy(b._pages)):
                 continue
-            if not b._lock.acquire(blocking=False):
+            if not take_lock(b._lock, taken):
                 continue
             p = b._pages
             if b.freed or b._pins or p.mem is None or p.held < nbytes:
-                b._lock.release()
-                continue
+                return None   # changed since the look above (rare): the caller releases it
             return b
         return None
 
@@ -633,25 +645,6 @@ class _BufferRef(weakref.ref):  # type: ignore[type-arg]
         super().__init__(buf, callback)
         self.buf_id = buf.id
         self.pages = pages
-
-
-class _Holding:
-    """``with _Holding(lock, blocking) as held:`` -- ``held`` says whether the lock was
-    taken; it is released on exit, also when an interrupt lands right after taking it."""
-
-    __slots__ = ("_lock", "_blocking", "_held")
-
-    def __init__(self, lock: Any, blocking: bool) -> None:
-        self._lock, self._blocking, self._held = lock, blocking, False
-
-    def __enter__(self) -> bool:
-        self._held = self._lock.acquire(blocking=self._blocking)
-        return self._held
-
-    def __exit__(self, *exc: object) -> None:
-        if self._held:
-            self._held = False
-            self._lock.release()
 
 
 def _fmt_limit(limit: int | None) -> str:

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _faults
-from ._interrupts import deferred_interrupt, uninterrupted
+from ._interrupts import deferred_interrupt
 from ._runs import expand_runs, runs_of
 from .buffer import PURGED_PAGE, ZERO_PAGE, _Pages
 from .device.oom import is_device_oom
-from .errors import BufferFreedError, BufferPurgedError, CopyError
+from .errors import BufferFreedError, BufferPurgedError, CopyError, InvalidHandleError
 from .staging import LateEvent, StagingRing, record_or_late
 
 if TYPE_CHECKING:
@@ -86,9 +86,9 @@ class Pager:
         self._zero_scan_failed = zero_scan_failed
         self.zero_run_pages = max(1, -(-ring.config.zero_run_bytes // page_size))
         self._undropped: list[np.ndarray] = []   # handles of failed drops, retried
-        # find_victim(target, nbytes): on a miss, an idle resident buffer whose memory the
-        # target may take over (returned with its lock held), or None.  Set by the manager.
-        self.find_victim: Callable[[Buffer, int], Buffer | None] | None = None
+        # find_victim(target, nbytes, taken): on a miss, an idle resident buffer whose memory
+        # the target may take over (its lock put on ``taken``), or None.  Set by the manager.
+        self.find_victim: Callable[[Buffer, int, list[Any]], Buffer | None] | None = None
         # Swap only where the two directions run on separate engines: on a GPU.  On the
         # host backend both are CPU copies, and overlapping them gains nothing (measured:
         # 0.8-1.0x of evict + restore in series on a 2-core machine).
@@ -136,6 +136,10 @@ class Pager:
             self.store.drop(handles)
         except KeyboardInterrupt:
             raise
+        except InvalidHandleError as e:
+            # Not live (dropped already): a bug, and dropping them later could free pages
+            # that the store has handed to another buffer since.  Never kept.
+            log.error("dropping %d store pages refused: %s", handles.size, e)
         except Exception as e:
             self._undropped.append(handles)
             log.warning("dropping %d store pages failed (%s: %s); kept and retried later",
@@ -159,6 +163,18 @@ class Pager:
     def undropped_pages(self) -> int:
         """Store pages no buffer references, kept for a retry of their failed drop."""
         return sum(h.size for h in self._undropped)
+
+    def settle_staged(self, p: _Pages) -> None:
+        """Drop the handles an eviction reserved that the page table did not take (the
+        eviction stopped).  Runs before every step that drops table handles, so that a
+        staged handle is judged while the table still says whether it holds it."""
+        if p.staged is None:
+            return
+        with deferred_interrupt():       # one step: forget them, then drop them
+            staged, p.staged = p.staged, None
+            lost = staged[~np.isin(staged, p.table)]
+            if lost.size:
+                self._drop(lost)
 
     def evict(self, buf: Buffer, p: _Pages) -> int:
         """Evict ``buf`` (its lock held, not in ``access()``, memory present).  Returns the
@@ -189,6 +205,7 @@ class Pager:
 
     def _purge(self, buf: Buffer, p: _Pages) -> int:
         _faults.point("evict.purge")
+        self.settle_staged(p)
         with deferred_interrupt():          # table first, then the store; one step
             live = p.table[p.table > 0]
             p.table[:] = PURGED_PAGE
@@ -208,24 +225,20 @@ class Pager:
         def track(event: Any) -> None:
             p.last = event
 
-        handles = None
+        self.settle_staged(p)        # an earlier eviction's, if it was interrupted
+        # The handles belong to the buffer from the step that reserves them (a Ctrl-C held
+        # off meanwhile lands at the end of that step, when they have their owner).
+        with deferred_interrupt():
+            p.staged = self.store.alloc(todo.size, populate=False)
+            p.evicting = True
         try:
-            # Inside the try: a Ctrl-C held off during the alloc lands at the end of the
-            # deferred block, and the handles must already have an owner then.
-            with deferred_interrupt():
-                handles = self.store.alloc(todo.size, populate=False)
-                p.evicting = True
             _faults.point("evict.store_alloc")
-            self.ring.evict(p.mem, todo, handles, commit=commit, track=track)
-        except BaseException:
-            # Whatever the page table did not take is referenced nowhere: drop it.  (Read
+            self.ring.evict(p.mem, todo, p.staged, commit=commit, track=track)
+        finally:
+            # Whatever the page table did not take is referenced nowhere: dropped.  (Read
             # from the table itself, so an interrupt between a commit and the ring's own
             # bookkeeping cannot drop a handle the table holds.)
-            if handles is not None:
-                lost = handles[p.table[todo] != handles]
-                if lost.size:
-                    self._drop(lost)
-            raise
+            self.settle_staged(p)
 
     def _skip_zero_runs(self, p: _Pages, todo: np.ndarray) -> tuple[np.ndarray, int]:
         """Record all-zero runs of at least ``zero_run_pages`` pages as ZERO_PAGE instead of
@@ -304,16 +317,18 @@ class Pager:
             need_mem = p.mem is None
         spare = None
         if need_mem and mode != "w" and self.swap_on_miss and self.find_victim is not None:
-            victim = self.find_victim(buf, held)     # returned with its lock held
-            if victim is not None:
-                try:
+            taken: list[Any] = []    # the victim's lock, once taken
+            try:
+                victim = self.find_victim(buf, held, taken)
+                if victim is not None:
                     with buf._lock, self.backend.activate():
                         mem = self._swap_locked(victim, buf, mode, user)
                         if mem is not None:
                             p.plain = mode != "r" or not (p.table != 0).any()
                             return mem
-                finally:
-                    victim._lock.release()
+            finally:
+                if taken:
+                    taken[0].release()
         if need_mem:
             first = user if mode == "w" else self.backend.h2d_stream
             with self.backend.allocating_for(first):
@@ -366,6 +381,8 @@ class Pager:
         if p.fresh is not None:          # a block from another stream's pool, never used yet
             self._wait_for([p.fresh])
             p.fresh = None
+
+        self.settle_staged(p)
 
         def commit(done: np.ndarray, h: np.ndarray) -> None:
             with deferred_interrupt():   # table first, then the store; one step
@@ -426,9 +443,19 @@ class Pager:
         t0 = time.perf_counter()
         _faults.point("swap.begin")
         self.wait_idle(a)
+        # The rest runs with Ctrl-C deferred: it lands only inside the restore (whose own
+        # checkpoints reach it, and whose interruption stops the eviction beside it), or
+        # at the end.  Its waits are for copies in flight.
+        with deferred_interrupt() as shield:
+            return self._swap_shielded(victim, target, mode, user, shield, t0)
+
+    def _swap_shielded(self, victim: Buffer, target: Buffer, mode: str, user: Any,
+                       shield: deferred_interrupt, t0: float) -> Any:
+        a, b = victim._pages, target._pages
+        ps = self.page_size
         a.plain = False
-        with deferred_interrupt():
-            a.valid &= a.table == 0            # store copies and zero marks are the truth now
+        self.settle_staged(a)
+        a.valid &= a.table == 0                # store copies and zero marks are the truth now
         todo = np.flatnonzero(a.valid)
         zero = 0
         if self._zero_scan() and todo.size:
@@ -437,7 +464,6 @@ class Pager:
         pages = np.flatnonzero(b.table > 0)
         zeros = np.flatnonzero(b.table == ZERO_PAGE)
         handles_b = b.table[pages].copy()
-        handles_a = np.empty(0, np.int64)
         cond = threading.Condition()
         state: dict[str, Any] = {"done": 0, "error": None, "finished": False, "cancel": False}
         events: dict[str, Any] = {}
@@ -464,7 +490,8 @@ class Pager:
 
         def evict_a() -> None:
             try:
-                self.ring.evict(a.mem, todo, handles_a, commit=commit_a,
+                staged = a.staged if a.staged is not None else np.empty(0, np.int64)
+                self.ring.evict(a.mem, todo, staged, commit=commit_a,
                                 track=lambda e: events.__setitem__("a", e), gate=gate_a)
             except BaseException as e:  # noqa: BLE001 - reported to the swapping thread
                 state["error"] = e
@@ -477,39 +504,32 @@ class Pager:
         error: BaseException | None = None
         try:
             try:
-                # Inside the try: a Ctrl-C held off during the alloc lands at the end of
-                # the deferred block, and the handles must already have an owner then.
                 if todo.size:
-                    with deferred_interrupt():
-                        handles_a = self.store.alloc(todo.size, populate=False)
-                        a.evicting = True
+                    a.staged = self.store.alloc(todo.size, populate=False)   # the victim's now
+                    a.evicting = True
                 _faults.point("swap.store_alloc")
             except BaseException as e:   # the victim's eviction never started
                 state["error"], state["finished"] = e, True
                 raise
             worker.start()
             if pages.size:
-                self.ring.restore(a.mem, pages, handles_b, commit=lambda pg, h: None,
-                                  track=lambda e: events.__setitem__("b", e), gate=gate_b)
+                with shield.passing():
+                    self.ring.restore(a.mem, pages, handles_b, commit=lambda pg, h: None,
+                                      track=lambda e: events.__setitem__("b", e), gate=gate_b)
         except BaseException as e:  # noqa: BLE001 - raised once both sides settled
             error = e
             state["cancel"] = True
         if worker.ident is not None:
-            _, hit = uninterrupted(worker.join)
-            if hit and error is None:
-                error = KeyboardInterrupt()
+            worker.join()
+        self.settle_staged(a)         # what the victim's table did not take is dropped
         a_error = state["error"]
-        if a_error is not None and handles_a.size:
-            lost = handles_a[a.table[todo] != handles_a]
-            if lost.size:
-                self._drop(lost)
-            if error is None or isinstance(error, _Stopped):
-                error = a_error       # the cause, not the restore it stopped
+        if a_error is not None and (error is None or isinstance(error, _Stopped)):
+            error = a_error           # the cause, not the restore it stopped
         if error is not None:
             # the target's copies wrote only where the victim's pages are safe in the
             # store, but the victim's memory must outlive them
             late = [e for e in (events.get("a"), events.get("b")) if e is not None]
-            uninterrupted(self._wait_for, late)
+            self._wait_for(late)
             if a_error is None:       # the victim is wholly in the store: let its memory go
                 with deferred_interrupt():
                     self._free_mem(a)
@@ -550,6 +570,7 @@ class Pager:
         """The device copy is about to change: store copies and zero marks become stale.
         The table forgets them first, then the store drops them."""
         _faults.point("forget.begin")
+        self.settle_staged(p)
         with deferred_interrupt():       # one step: nothing leaks, nothing dangles
             live = p.table[p.table > 0]
             p.table[:] = 0
@@ -575,6 +596,11 @@ class Pager:
         with deferred_interrupt():       # no waits left: memory, table, store in one step
             if p.mem is not None:
                 self._free_mem(p)
+            staged, p.staged = p.staged, None
+            if staged is not None and not self.store.closed:
+                lost = staged[~np.isin(staged, p.table)]
+                if lost.size:
+                    self._drop(lost)
             live = p.table[p.table > 0]
             p.table[:] = 0
             if live.size and not self.store.closed:

@@ -50,6 +50,9 @@ _PASSES = ("cheap", "idle", "wait")
 # Reclaim asks in rounds (the first shares the deficit by count/seeks, later ones ask for
 # all that is missing) while a round still frees something, as the kernel's batch loop.
 _MAX_ROUNDS = 64
+# Reclaims of one allocation that may find a shrinker lying or broken before the rest of
+# that allocation skips it.
+_STRIKES = 2
 
 
 @runtime_checkable
@@ -99,7 +102,7 @@ class Reclaimer:
 
     def reclaim(self, nbytes: int, shrinkers: list[Shrinker] | None = None, *,
                 progress: Callable[[], int] | None = None,
-                misbehaved: set[int] | None = None) -> int:
+                misbehaved: dict[int, int] | None = None) -> int:
         """Ask shrinkers to free ``nbytes``; returns the bytes freed (0 when called from
         inside a reclaim on the same thread).
 
@@ -109,9 +112,11 @@ class Reclaimer:
         for the rest of this reclaim.  A shrinker that raises or returns something other
         than an int >= 0 or ``SHRINK_STOP`` is skipped too, with a warning naming it.
 
-        ``misbehaved``: ids of shrinkers to skip; those found lying or broken here are
-        added.  An allocation that reclaims again and again while it waits for memory
-        passes the same set, so that it asks (and warns about) a bad shrinker once."""
+        ``misbehaved``: strikes per shrinker id, counted here for each one found lying or
+        broken; one with ``_STRIKES`` is skipped.  An allocation that reclaims again and
+        again while it waits for memory passes the same dict, so that a bad shrinker is
+        asked a bounded number of times (not once: a single misjudged scan, say memory
+        that another thread took at once, must not exclude a good one for good)."""
         if nbytes <= 0:
             return 0
         if self.active:
@@ -125,8 +130,13 @@ class Reclaimer:
             # marked as reclaiming (every later reclaim here would be refused).
             self._local.depth = 1
             pool = self.shrinkers if shrinkers is None else shrinkers
-            bad = set() if misbehaved is None else misbehaved
-            stopped: set[int] = set(bad)
+            strikes: dict[int, int] = {} if misbehaved is None else misbehaved
+            stopped: set[int] = {k for k, n in strikes.items() if n >= _STRIKES}
+
+            def bad(s: Shrinker) -> None:
+                stopped.add(id(s))
+                strikes[id(s)] = strikes.get(id(s), 0) + 1
+
             for rnd in range(_MAX_ROUNDS):
                 before = freed
                 counts = []
@@ -138,8 +148,7 @@ class Reclaimer:
                         if c is not None:
                             self._skip(s, f"count() returned {c}: expected bytes >= 0 or "
                                           f"SHRINK_EMPTY")
-                        stopped.add(id(s))
-                        bad.add(id(s))
+                        bad(s)
                         continue
                     if c > 0:
                         counts.append((s, c / max(getattr(s, "seeks", DEFAULT_SEEKS), 1e-9), c))
@@ -155,23 +164,21 @@ class Reclaimer:
                     got = self._call(s, f"scan({ask})", s.scan, ask)
                     _faults.point("reclaim.scanned")
                     if got is None or got == SHRINK_STOP:
-                        stopped.add(id(s))
                         if got is None:
-                            bad.add(id(s))
+                            bad(s)
+                        stopped.add(id(s))
                         continue
                     if got < 0:
                         self._skip(s, f"scan({ask}) returned {got}: expected bytes freed >= 0 "
                                       f"or SHRINK_STOP")
-                        stopped.add(id(s))
-                        bad.add(id(s))
+                        bad(s)
                         continue
                     if progress is not None:
                         actual = progress() - mark
                         if got > 0 and actual <= 0:
                             self._skip(s, f"scan({ask}) claimed {got:,} B freed, but no device "
                                           f"memory was released", liar=True)
-                            stopped.add(id(s))
-                            bad.add(id(s))
+                            bad(s)
                             continue
                         got = max(actual, 0)
                     freed += got

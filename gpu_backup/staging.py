@@ -14,12 +14,14 @@ Every wait is a host wait on the one event it depends on (blocking events, no sp
 nothing is queued on a copy stream that makes another buffer's copies wait.
 
 Ownership: a slot belongs to exactly one party at every instant — the ring's free list,
-the launching thread, or the worker that a piece was handed to — and the hand-over is one
-step that an interrupt cannot split.  Either direction may fail or be interrupted
-part-way: every piece in flight is settled first (a slot is never reused, nor device
-memory released, while a copy still touches it: the operation's last copy event goes to
-``track``), finished pieces stay committed, and the rest is left to the caller, whose page
-table therefore stays consistent; running the operation again finishes it.
+the launching thread (its ``held`` list), or the worker that a piece was handed to.  The
+driver runs with Ctrl-C deferred and takes it only at its checkpoints (between pieces and
+in its waits, which are bounded slices), so no hand-over can be cut in two.  Either
+direction may fail or be interrupted part-way: every piece in flight is settled first (a
+slot is never reused, nor device memory released, while a copy still touches it: the
+operation's last copy event goes to ``track``), finished pieces stay committed, and the
+rest is left to the caller, whose page table therefore stays consistent; running the
+operation again finishes it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ LINK_GBPS = 55.0
 """Per-direction host link of the GPUs this library targets (H100/H200, PCIe Gen5 x16)."""
 HOST_COPY_GBPS = 10.0
 """One host thread's pinned -> memfd copy, the low end of the 10-20 GB/s measured."""
+
+_SLICE = 0.05
+"""Seconds a driver's wait blocks before it looks for a Ctrl-C held off meanwhile."""
 
 
 def _cores() -> int:
@@ -195,7 +200,11 @@ class StagingRing:
         self.page_size = page_size
         self.slot_pages = slot_pages
         self.slot_bytes = slot_pages * page_size
-        self._cond = threading.Condition()
+        # A plain lock entered with ``with``: its C-level __enter__ cannot be cut from the
+        # block by an interrupt (a Condition's Python-level __enter__ can, and would keep
+        # the lock for good).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._free: deque[_Slot] = deque()
         self._slots: list[_Slot] = []
         self._ops = 0                # operations in flight
@@ -212,39 +221,44 @@ class StagingRing:
                                         thread_name_prefix="gpu_backup-staging")
 
     # ----------------------------------------------------------------- slots
-    def _acquire(self) -> _Slot:
-        """A free slot whose last copy has completed; the caller owns it."""
-        with self._cond:
+    def _acquire(self, held: list[_Slot], shield: deferred_interrupt) -> None:
+        """Move a free slot whose last copy has completed onto ``held`` (the caller's:
+        it releases what is left there if it stops).  Ctrl-C lands only while waiting."""
+        with self._lock:
             while not self._free:
                 if self._closed and not self._ops:
                     raise ClosedError("staging ring is closed")
-                self._cond.wait()
-            slot = self._free.popleft()
-        if slot.event is not None:
-            try:
-                with self.backend.activate():
-                    slot.event.synchronize()
-            except BaseException:
-                self._release(slot, slot.event)  # back to the ring, still guarded by its event
-                raise
+                self._cond.wait(_SLICE)
+                shield.checkpoint()
+            held.append(self._free.popleft())
+        slot = held[-1]
+        if slot.event is not None:   # a copy that failed late: its slot's last device copy
+            with self.backend.activate():
+                slot.event.synchronize()
             slot.event = None
-        return slot
 
     def _release(self, slot: _Slot, event: Any = None) -> None:
         """Give a slot back; ``event`` (if any) is its last copy, waited for before reuse."""
-        slot.event = event
-        with self._cond:
+        with self._lock:
+            slot.event = event
             self._free.append(slot)
             self._cond.notify()
 
+    def _release_held(self, held: list[_Slot]) -> None:
+        """Give back the slots a stopped driver still held (each keeps its event)."""
+        with self._lock:
+            while held:
+                self._free.append(held.pop())
+            self._cond.notify_all()
+
     def _begin(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise ClosedError("staging ring is closed")
             self._ops += 1
 
     def _end(self) -> None:
-        with self._cond:
+        with self._lock:
             self._ops -= 1
             self._cond.notify_all()
 
@@ -373,17 +387,18 @@ class StagingRing:
                  track: Callable[[Any], None], what: str,
                  gate: Callable[[int], None] | None) -> None:
         """One operation: counted in flight (``close()`` waits for it), its last copy event
-        handed to ``track`` on every path, its error raised after every piece settled."""
-        self._begin()
-        try:
-            error = self._run(npieces, start, done, what, gate)
-        finally:
+        handed to ``track`` on every path, its error raised after every piece settled.
+        Runs with Ctrl-C deferred; it lands at the driver's checkpoints, or at the end."""
+        with deferred_interrupt() as shield:
+            self._begin()
             try:
-                with deferred_interrupt():
+                error = self._run(npieces, start, done, what, gate, shield)
+            finally:
+                try:
                     event, record_error = record_or_late(self.backend, stream)
                     track(event)
-            finally:
-                self._end()
+                finally:
+                    self._end()
         if error is not None:
             raise error
         if record_error is not None:
@@ -391,14 +406,17 @@ class StagingRing:
 
     def _run(self, npieces: int, start: Callable[[int, _Slot], Future[Any]],
              done: Callable[[int, Any], None], what: str,
-             gate: Callable[[int], None] | None = None) -> BaseException | None:
+             gate: Callable[[int], None] | None,
+             shield: deferred_interrupt) -> BaseException | None:
         """Launch pieces in order, commit them in order as they finish, and on failure settle
         every piece in flight.  Returns the error to raise, if any.
 
-        A piece's slot is this thread's from ``_acquire`` until ``start`` takes it; ``start``
-        and the registration of its future run with Ctrl-C deferred, so a piece handed to a
-        worker is always in ``inflight`` (and settled below) and its slot released once."""
+        Runs inside ``shield`` (Ctrl-C deferred): a Ctrl-C lands only at its checkpoints,
+        where a slot is either on ``held`` or handed to a piece registered in
+        ``inflight``, so every piece is settled below and every slot released once.  The
+        settling itself is not interruptible (it waits only for copies in flight)."""
         inflight: deque[tuple[int, Future[Any]]] = deque()
+        held: list[_Slot] = []
         ncommitted = 0
         error: BaseException | None = None
 
@@ -411,39 +429,31 @@ class StagingRing:
             for k in range(npieces):
                 if gate is not None:
                     gate(k)
-                slot: _Slot | None = self._acquire()
-                try:
-                    _faults.point(f"{what}.piece.launch")
-                    with deferred_interrupt():
-                        taken, slot = slot, None
-                        inflight.append((k, start(k, taken)))
-                finally:
-                    if slot is not None:
-                        self._release(slot)
+                self._acquire(held, shield)
+                shield.checkpoint(f"{what}.piece.launch")
+                inflight.append((k, start(k, held.pop())))
                 while inflight and inflight[0][1].done():
                     finish(*inflight.popleft())
             while inflight:
                 k, fut = inflight[0]
-                fut.result()
+                while not fut.done():
+                    wait([fut], timeout=_SLICE)
+                    shield.checkpoint()
                 finish(*inflight.popleft())
         except BaseException as e:  # noqa: BLE001 - settled below, then returned
             error = e
         if error is None:
             return None
-        interrupted = False
+        self._release_held(held)
         while inflight:
             k, fut = inflight.popleft()
-            _, hit = uninterrupted(wait, [fut])
-            interrupted |= hit
+            wait([fut])
             if fut.exception() is not None:
                 continue          # a failed piece: nothing to commit (its slot is back)
             try:
-                _, hit = uninterrupted(finish, k, fut)
-                interrupted |= hit
+                finish(k, fut)
             except BaseException:  # noqa: BLE001 - the first error is the one raised
                 pass
-        if interrupted and not isinstance(error, KeyboardInterrupt):
-            error = KeyboardInterrupt()
         if not isinstance(error, (KeyboardInterrupt, ClosedError, CopyError, MemoryError)):
             wrapped = CopyError(f"copy failed after {ncommitted} of {npieces} pieces: {error!r}")
             wrapped.__cause__ = error
@@ -460,7 +470,7 @@ class StagingRing:
         if self._closed and not self._slots:
             return
         _faults.point("close.ring.begin")
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._cond.notify_all()
             while self._ops:

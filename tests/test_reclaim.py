@@ -70,9 +70,9 @@ def test_lying_shrinker_cannot_make_alloc_spin():
         assert isinstance(got, str) and got.startswith("OutOfDeviceMemory: cannot allocate 32,768 B")
         assert "waited 0.5 s" in got
         s = mgr.stats()
-        assert s["reclaim_false_claims"] == 1
+        assert s["reclaim_false_claims"] == 2
         assert s["reclaim_calls"] > 3                # it did reclaim again while waiting...
-        assert liar.calls == 1                       # ...but asked the liar once
+        assert liar.calls == 2                       # ...but asked the liar twice only
         assert mgr.device_bytes == 16 * PS and mgr.backend.allocated_bytes == 16 * PS
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import threading
 import time
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import gpu_backup as gb
+from gpu_backup._interrupts import deferred_interrupt
 from gpu_backup.device.host import HostStream
 
 PS = gb.PAGE_SIZE
@@ -167,9 +169,12 @@ def test_slot_survives_an_interrupted_wait_in_acquire(monkeypatch):
                 raise KeyboardInterrupt
 
         ring._slots[0].event = Boom()
-        with pytest.raises(KeyboardInterrupt):
-            ring._acquire()
-        assert len(ring._free) == 1
+        held: list = []
+        with pytest.raises(KeyboardInterrupt), deferred_interrupt() as shield:
+            ring._acquire(held, shield)
+        assert held == [ring._slots[0]] and not ring._free   # the caller's, not lost
+        ring._release_held(held)
+        assert len(ring._free) == 1 and ring._slots[0].event is not None  # still guarded
         ring._slots[0].event = None
         b = mgr.alloc(1 << 16)
         with b.access("w") as a:
@@ -226,3 +231,74 @@ def test_raising_shrinker_is_skipped_not_fatal():
         with b.access("w") as a:
             a[:] = 1
         assert mgr.shrink(4 * PS) == 4 * PS     # the LRU shrinker still did its part
+
+
+class _SigintOnWrite:
+    """A store whose ``write`` number ``n`` (counted across the test) sends a real SIGINT to
+    this process first: it lands while a piece of an eviction is in flight."""
+
+    def __init__(self, store, n: int) -> None:
+        self._store, self._n, self.calls = store, n, 0
+
+    def write(self, handles, data):
+        self.calls += 1
+        if self.calls == self._n:
+            signal.raise_signal(signal.SIGINT)
+        return self._store.write(handles, data)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_real_sigint_in_a_multi_piece_eviction_keeps_every_slot_and_page(n, rng):
+    """A real Ctrl-C while the pipeline's pieces are in flight: it is taken at a checkpoint
+    of the copy driver (or the eviction's end), never inside a hand-over.  After it every
+    slot is free, every store page is owned (by the page table or the buffer's staged
+    handles), and running the eviction again completes it with every byte intact."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    from gpu_backup.testing import check_invariants
+    store = gb.ShmemStore(4 << 20)
+    wrapped = _SigintOnWrite(store, n)
+    staging = gb.Staging(slots=3, slot_bytes=2 * PS, threads=2)
+    with gb.BufferManager("host", store=wrapped, staging=staging) as mgr:
+        mgr.zero_scan = False
+        data = rng.integers(0, 256, 24 * PS, dtype=np.uint8)
+        b = mgr.alloc(data.size)
+        with b.access("w") as a:
+            a[:] = data
+        del a
+        with pytest.raises(KeyboardInterrupt):
+            b.evict()
+        assert len(mgr._ring._free) == 3          # every slot back in the ring
+        check_invariants(mgr, {b: data})         # pages owned once, bytes right, nothing leaked
+        assert b.evict() > 0 or b.state is gb.Residency.EVICTED
+        assert b.state is gb.Residency.EVICTED and b._pages.staged is None
+        assert store.bytes_used == 24 * PS
+        assert np.array_equal(b.to_host(), data)
+        b.free()
+        assert store.bytes_used == 0
+    store.close()
+
+
+def test_interrupted_wait_on_a_host_event_leaves_it_usable():
+    """A Ctrl-C while the main thread waits for a host stream's event: the wait raises, and
+    the event (a lock the stream releases) can be waited for again: nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    stream = HostStream()
+    gate = threading.Lock()
+    gate.acquire()
+    stream.launch(lambda: gate.acquire())      # the stream blocks until the test lets it go
+    ev = stream.record()
+    timer = threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        ev.synchronize()
+    timer.join()
+    assert not ev.done
+    gate.release()
+    ev.synchronize()                           # completes: the interrupted wait held nothing
+    assert ev.done
+    stream.close()

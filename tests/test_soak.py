@@ -10,6 +10,7 @@ the full suite's budget.
 from __future__ import annotations
 
 import collections
+import faulthandler
 import os
 import signal
 import subprocess
@@ -81,6 +82,8 @@ class _Signals:
         seen = -1
         while not self._stop.wait(self.hang_s):
             if self.progress == seen:
+                # Where every thread stands, for the report: a hang is a lost lock or slot.
+                faulthandler.dump_traceback(all_threads=True)
                 self.abort = True
                 while not self._stop.wait(0.2):
                     signal.pthread_kill(self._main, signal.SIGINT)

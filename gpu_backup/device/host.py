@@ -1,6 +1,6 @@
 """The host backend: device memory emulated in host RAM, with the CUDA backend's
 asynchronous contract (streams are worker threads that run their work in order,
-events are real ``threading.Event``s).
+events are real locks that the stream releases).
 
 It lets the whole library run, and be tested, on machines without a GPU.  Its
 numbers are host numbers and are always labelled ``host``.
@@ -27,28 +27,37 @@ __all__ = ["HostBackend", "HostEvent", "HostStream", "ImmediateStream"]
 
 
 class HostEvent:
-    """Completes when the stream reaches the point where it was recorded."""
+    """Completes when the stream reaches the point where it was recorded.
 
-    __slots__ = ("_flag", "error")
+    A plain lock, held until the event completes, rather than a ``threading.Event``: a
+    waiter passes through it with the lock's own C-level ``with``, which a Ctrl-C cannot
+    leave holding anything (an ``Event``'s Python-level condition can keep its lock for
+    good when the interrupt lands right after taking it, and every later wait hangs)."""
+
+    __slots__ = ("_gate", "_done", "error")
 
     def __init__(self, done: bool = False) -> None:
-        self._flag = threading.Event()
+        self._gate = threading.Lock()
+        self._done = done
         self.error: BaseException | None = None
-        if done:
-            self._flag.set()
+        if not done:
+            self._gate.acquire()     # released once, by the stream, when it gets here
 
     @property
     def done(self) -> bool:
-        return self._flag.is_set()
+        return self._done
 
     def synchronize(self) -> None:
         """Wait; raise what failed on the stream before this point, as CUDA would."""
-        self._flag.wait()
+        if not self._done:
+            with self._gate:
+                pass
         if self.error is not None:
             raise RuntimeError(f"work on a host stream failed: {self.error!r}") from self.error
 
     def _set(self) -> None:
-        self._flag.set()
+        self._done = True
+        self._gate.release()
 
 
 class HostStream:

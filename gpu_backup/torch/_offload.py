@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._interrupts import take_lock
 from ..buffer import Residency
 from ..errors import BufferBusyError, BufferFreedError, GpuBackupError, OutOfDeviceMemory
 from ._view import tensor_access, torch_device
@@ -49,10 +50,13 @@ def _release(buf: Buffer) -> None:
     lock; if it is taken, dropping the last reference hands the buffer to the manager's
     collector, which releases it at its next safe point (alloc, shrink, stats, close).
     """
-    lock = buf._lock
-    if not lock.acquire(blocking=False):
-        return
-    lock.release()
+    taken: list = []
+    try:
+        if not take_lock(buf._lock, taken):
+            return
+    finally:
+        if taken:
+            taken[0].release()
     try:
         buf.free()
     except GpuBackupError as e:   # busy or closed: the manager's collector finishes the job
