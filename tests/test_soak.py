@@ -125,19 +125,11 @@ class _Signals:
 
 # Operations whose every step is the manager's allocation, accounting and reclaim, and
 # garbage collection: the device is small and full of an application cache's blocks, which
-# a shrinker of its own frees; the LRU shrinker is off, so no buffer is evicted (eviction,
-# restore and access() are the copy pipeline's: see _PIPELINE).  Contents are written in the
-# quiet phase.
+# a shrinker of its own frees; the LRU shrinker is off, so no buffer is evicted.  Contents
+# are written in the quiet phase.
 OWNED = ("alloc", "free", "drop", "shrink")
 # Everything, under a device limit: evictions and restores through the ring and the store.
 FULL = ("alloc", "w", "free", "drop", "shrink", "evict", "r", "rw")
-
-_PIPELINE = (
-    "issue 10, copy-pipeline work: Ctrl-C inside an eviction, a restore or access() still "
-    "loses bytes, pages or locks: store pages leaked after an interrupted evict or shrink "
-    "(store.alloc's handles before the ring owns them), wrong bytes in the store after "
-    "interrupted evictions (submit), a buffer lock kept by _evict (interrupt right after "
-    "acquire), a pin kept by access() (interrupt between the pin and its try)")
 
 
 class _DeviceCache:
@@ -167,16 +159,10 @@ class _DeviceCache:
         return freed
 
 
-# The full soak fails today (see _PIPELINE), and a lost lock can hang it: it runs only when
-# asked for, GPU_BACKUP_SOAK_FULL=1, until the copy pipeline is interrupt-safe.
-_FULL_ASKED = os.environ.get("GPU_BACKUP_SOAK_FULL") == "1"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ops", [
     pytest.param(OWNED, id="alloc-free-reclaim"),
-    pytest.param(FULL, id="evict-restore", marks=pytest.mark.skipif(
-        not _FULL_ASKED, reason="GPU_BACKUP_SOAK_FULL=1 runs it; " + _PIPELINE)),
+    pytest.param(FULL, id="evict-restore"),
 ])
 def test_sigint_soak(ops, record_property):
     if threading.current_thread() is not threading.main_thread():
