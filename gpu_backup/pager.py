@@ -171,10 +171,18 @@ class Pager:
         if p.staged is None:
             return
         with deferred_interrupt():       # one step: forget them, then drop them
-            staged, p.staged = p.staged, None
-            lost = staged[~np.isin(staged, p.table)]
+            lost = self._take_unclaimed(p)
             if lost.size:
                 self._drop(lost)
+
+    @staticmethod
+    def _take_unclaimed(p: _Pages) -> np.ndarray:
+        """Forget ``p``'s staged handles; returns those its table did not take (the
+        caller drops them, in the same deferred step)."""
+        staged, p.staged = p.staged, None
+        if staged is None:
+            return np.empty(0, np.int64)
+        return staged[~np.isin(staged, p.table)]
 
     def evict(self, buf: Buffer, p: _Pages) -> int:
         """Evict ``buf`` (its lock held, not in ``access()``, memory present).  Returns the
@@ -596,11 +604,9 @@ class Pager:
         with deferred_interrupt():       # no waits left: memory, table, store in one step
             if p.mem is not None:
                 self._free_mem(p)
-            staged, p.staged = p.staged, None
-            if staged is not None and not self.store.closed:
-                lost = staged[~np.isin(staged, p.table)]
-                if lost.size:
-                    self._drop(lost)
+            lost = self._take_unclaimed(p)
+            if lost.size and not self.store.closed:
+                self._drop(lost)
             live = p.table[p.table > 0]
             p.table[:] = 0
             if live.size and not self.store.closed:
